@@ -1,0 +1,55 @@
+"""The ``matcaps`` command: ``matcaps data|train|test|plot|bench``.
+
+Each sub-command lives in its own module of this package and exposes
+``register(subparsers)``, which adds its parser and sets ``func`` to a callable taking
+the parsed namespace and returning an exit code.  Errors a user can cause are raised as
+:class:`matcaps.errors.MatcapsError` anywhere below and reported here as one line with
+exit code 2; the library itself never prints or exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from matcaps import __version__
+from matcaps.errors import MatcapsError
+
+#: Sub-command modules, in the order ``matcaps --help`` lists them.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+#: Exit code for errors caused by the user's input (argparse uses the same).
+USAGE_ERROR_EXIT_CODE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every sub-command registered."""
+    parser = argparse.ArgumentParser(
+        prog="matcaps",
+        description="Matrix capsules with EM routing: data, training, evaluation, benchmarks.",
+    )
+    parser.add_argument("--version", action="version", version=f"matcaps {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"matcaps.cli.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``matcaps`` console script; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MatcapsError as error:
+        print(f"matcaps {args.command}: error: {error}", file=sys.stderr)
+        return USAGE_ERROR_EXIT_CODE
+    except KeyboardInterrupt:
+        print(f"matcaps {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Exceptions that the library raises for bad input.
+
+Every error a user can cause (a corrupt file, an impossible configuration, a missing
+checkpoint) is raised as a subclass of :class:`MatcapsError` with a message that names
+the offending file or value.  The command-line interface catches exactly these and
+prints the message as one line; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class MatcapsError(Exception):
+    """Base class of every user-facing error raised by matcaps."""
+
+
+class ConfigError(MatcapsError, ValueError):
+    """An option or configuration value is invalid."""
+
+
+class DataFormatError(MatcapsError, ValueError):
+    """A data file is truncated, corrupted or not in the expected format."""
+
+
+class DownloadError(MatcapsError, OSError):
+    """A dataset file could not be downloaded."""
+
+
+class DatasetNotFoundError(MatcapsError, FileNotFoundError):
+    """A prepared dataset or its source files are missing."""
+
+
+class CheckpointError(MatcapsError, OSError):
+    """A checkpoint or run directory is missing or unreadable."""
