@@ -1,0 +1,8 @@
+"""Capsule layers: :class:`PrimaryCaps`, :class:`ConvCaps` and :class:`ClassCaps`."""
+
+from matcaps.layers.class_caps import ClassCaps
+from matcaps.layers.conv_caps import ConvCaps
+from matcaps.layers.primary import PrimaryCaps
+from matcaps.layers.routed import RoutedCapsules
+
+__all__ = ["ClassCaps", "ConvCaps", "PrimaryCaps", "RoutedCapsules"]

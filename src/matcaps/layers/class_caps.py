@@ -1,0 +1,80 @@
+"""Class capsules: every capsule of the last map votes for every class, with coordinate addition."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from matcaps.layers.routed import RoutedCapsules
+from matcaps.routing import EMRoutingConfig, RoutingGeometry
+
+#: Coordinates are the centres of the receptive fields, scaled to [0, 1]:
+#: ``(k + CELL_CENTRE) / size`` for cell ``k`` (0.1, 0.3, …, 0.9 on a 5×5 map).
+CELL_CENTRE = 0.5
+
+
+class ClassCaps(RoutedCapsules):
+    """Class capsule layer (Hinton et al. 2018, §3, "Class capsules" and §2.1 "coordinate addition").
+
+    Transformation matrices are shared over positions (one per child type and class).
+    Coordinate addition adds the scaled column and row coordinate of each child's position
+    to the first two entries of the right-hand column of its vote, the entries that hold a
+    translation (``V[0, P−1] += x``, ``V[1, P−1] += y``).  All ``H·W·D`` children then route
+    to the classes in one window.
+
+    Args:
+        in_types: ``D``, child capsule types.
+        num_classes: Number of class capsules.
+        routing: EM-routing hyper-parameters.
+        coordinate_addition: Add scaled coordinates to the votes.
+        pose_size: ``P``; poses are ``P×P`` matrices.
+
+    Shapes:
+        * input: ``(poses, activations)`` of shapes ``(N, H, W, D, P, P)`` and ``(N, H, W, D)``;
+        * output: ``(N, num_classes, P, P)`` poses and ``(N, num_classes)`` activations.
+    """
+
+    def __init__(
+        self,
+        in_types: int,
+        num_classes: int,
+        routing: EMRoutingConfig = EMRoutingConfig(),
+        coordinate_addition: bool = True,
+        pose_size: int = 4,
+    ) -> None:
+        super().__init__((in_types, num_classes, pose_size, pose_size), num_classes, routing)
+        self.in_types = in_types
+        self.coordinate_addition = coordinate_addition
+        self.pose_size = pose_size
+
+    def make_geometry(self, height: int, width: int) -> RoutingGeometry:
+        return RoutingGeometry.fully_connected(height, width)
+
+    def coordinate_offsets(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """``(H·W, P·P)``: what coordinate addition adds to the votes of each child position."""
+        rows = (torch.arange(height, device=device, dtype=dtype) + CELL_CENTRE) / height
+        cols = (torch.arange(width, device=device, dtype=dtype) + CELL_CENTRE) / width
+        offsets = torch.zeros(height, width, self.pose_size, self.pose_size, device=device, dtype=dtype)
+        offsets[:, :, 0, -1] = cols.view(1, -1)
+        offsets[:, :, 1, -1] = rows.view(-1, 1)
+        return offsets.view(height * width, -1)
+
+    def forward(self, poses: Tensor, activations: Tensor) -> tuple[Tensor, Tensor]:
+        n, height, width, child_types = activations.shape
+        geometry = self.geometry(height, width, activations.device)
+        windows = poses.reshape(n, 1, height * width * child_types, self.pose_size, self.pose_size)
+        # Shared over positions: the same D matrices for every position, children ordered (position, type).
+        transforms = self.weight.expand(height * width, *self.weight.shape).reshape(-1, *self.weight.shape[1:])
+        offsets = None
+        if self.coordinate_addition:
+            offsets = self.coordinate_offsets(height, width, poses.device, poses.dtype)
+            offsets = offsets.repeat_interleave(child_types, dim=0)  # (H·W·D, P·P), children ordered (position, type)
+        child_activations = activations.reshape(n, 1, -1)
+        out_poses, out_activations = self.route(windows, transforms, child_activations, geometry, offsets)
+        return out_poses.reshape(n, self.out_types, self.pose_size, self.pose_size), out_activations.reshape(n, -1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_types={self.in_types}, num_classes={self.out_types}, "
+            f"coordinate_addition={self.coordinate_addition}, iterations={self.routing.iterations}"
+        )

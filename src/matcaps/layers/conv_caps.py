@@ -1,0 +1,70 @@
+"""Convolutional capsule layer with EM routing."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from matcaps.layers.routed import RoutedCapsules
+from matcaps.routing import EMRoutingConfig, RoutingGeometry
+
+
+class ConvCaps(RoutedCapsules):
+    """Convolutional capsules (Hinton et al. 2018, §3, "ConvCaps1/ConvCaps2").
+
+    Each parent position reads a ``K×K`` window of child capsules; every (kernel position,
+    child type, parent type) has its own ``P×P`` transformation matrix, shared over parent
+    positions.  Routing normalises each child over every parent position and type it
+    reaches, so overlapping windows compete for children.
+
+    Args:
+        in_types: ``B``, child capsule types.
+        out_types: ``C``, parent capsule types.
+        kernel_size: ``K``.
+        stride: Stride of the windows.
+        padding: Zero padding of the child map (padded slots hold inactive children).
+        routing: EM-routing hyper-parameters.
+        pose_size: ``P``; poses are ``P×P`` matrices.
+
+    Shapes:
+        * input: ``(poses, activations)`` of shapes ``(N, H, W, B, P, P)`` and ``(N, H, W, B)``;
+        * output: ``(N, OH, OW, C, P, P)`` and ``(N, OH, OW, C)`` with
+          ``OH = ⌊(H + 2·padding − K) / stride⌋ + 1`` (likewise ``OW``).
+    """
+
+    def __init__(
+        self,
+        in_types: int,
+        out_types: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        routing: EMRoutingConfig = EMRoutingConfig(),
+        pose_size: int = 4,
+    ) -> None:
+        super().__init__((kernel_size, kernel_size, in_types, out_types, pose_size, pose_size), out_types, routing)
+        self.in_types = in_types
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+        self.pose_size = pose_size
+
+    def make_geometry(self, height: int, width: int) -> RoutingGeometry:
+        return RoutingGeometry.conv(height, width, self.kernel_size, self.stride, self.padding)
+
+    def forward(self, poses: Tensor, activations: Tensor) -> tuple[Tensor, Tensor]:
+        n, height, width, child_types = activations.shape
+        geometry = self.geometry(height, width, activations.device)
+        windows = geometry.gather(poses.reshape(n, height * width, -1))
+        windows = windows.view(n, geometry.num_windows, -1, self.pose_size, self.pose_size)  # (N, L, S·B, P, P)
+        child_activations = geometry.gather(activations.reshape(n, height * width, child_types))
+        child_activations = child_activations.reshape(n, geometry.num_windows, -1)  # (N, L, S·B)
+        transforms = self.weight.view(-1, self.out_types, self.pose_size, self.pose_size)  # (S·B, C, P, P)
+        out_poses, out_activations = self.route(windows, transforms, child_activations, geometry)
+        out_shape = (n, geometry.out_height, geometry.out_width, self.out_types)
+        return out_poses.reshape(*out_shape, self.pose_size, self.pose_size), out_activations.reshape(out_shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_types={self.in_types}, out_types={self.out_types}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, iterations={self.routing.iterations}"
+        )

@@ -1,0 +1,42 @@
+"""Primary capsules: a 1×1 convolution that turns feature maps into pose matrices and activations."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from matcaps.layers.init import init_conv_
+
+
+class PrimaryCaps(nn.Module):
+    """Primary capsule layer (Hinton et al. 2018, §3, "PrimaryCaps").
+
+    At each position, ``B`` capsule types each get a pose (a linear 1×1 convolution of the
+    features, reshaped to ``P×P``) and an activation (a sigmoid 1×1 convolution).  No
+    routing happens here.
+
+    Args:
+        in_channels: ``A``, channels of the input feature map.
+        capsule_types: ``B``, capsule types per position.
+        pose_size: ``P``; poses are ``P×P`` matrices (4 in the paper).
+
+    Shapes:
+        * input: ``(N, A, H, W)`` features;
+        * output: ``(poses, activations)`` of shapes ``(N, H, W, B, P, P)`` and ``(N, H, W, B)``.
+    """
+
+    def __init__(self, in_channels: int, capsule_types: int, pose_size: int = 4) -> None:
+        super().__init__()
+        self.capsule_types = capsule_types
+        self.pose_size = pose_size
+        self.pose = init_conv_(nn.Conv2d(in_channels, capsule_types * pose_size * pose_size, kernel_size=1))
+        self.activation = init_conv_(nn.Conv2d(in_channels, capsule_types, kernel_size=1))
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        n, _, height, width = features.shape
+        poses = self.pose(features).permute(0, 2, 3, 1)  # (N, H, W, B·P·P), pose entries fastest
+        poses = poses.reshape(n, height, width, self.capsule_types, self.pose_size, self.pose_size)
+        activations = self.activation(features).sigmoid().permute(0, 2, 3, 1)  # (N, H, W, B)
+        return poses, activations
+
+    def extra_repr(self) -> str:
+        return f"capsule_types={self.capsule_types}, pose_size={self.pose_size}"

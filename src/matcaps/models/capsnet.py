@@ -1,0 +1,97 @@
+"""The matrix-capsule network of Hinton et al. (2018), Figure 1."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from matcaps.layers import ClassCaps, ConvCaps, PrimaryCaps
+from matcaps.layers.init import init_conv_
+from matcaps.models.config import CapsNetConfig
+
+
+class CapsNetOutput(NamedTuple):
+    """What :class:`CapsNet` returns.
+
+    Attributes:
+        activations: ``(N, num_classes)`` class-capsule activations in (0, 1); the
+            prediction is their argmax and the spread loss is computed on them.
+        poses: ``(N, num_classes, P, P)`` class-capsule pose matrices.
+    """
+
+    activations: Tensor
+    poses: Tensor
+
+
+class CapsNet(nn.Module):
+    """Matrix capsules with EM routing.
+
+    Shapes:
+        * input: ``(N, in_channels, S, S)`` images (standardised);
+        * output: :class:`CapsNetOutput` with ``(N, classes)`` activations and
+          ``(N, classes, P, P)`` poses.
+
+    With the default :class:`CapsNetConfig` (32×32 input) the capsule maps are 16×16
+    (PrimaryCaps), 7×7 (ConvCaps1) and 5×5 (ConvCaps2).
+    """
+
+    def __init__(self, config: CapsNetConfig = CapsNetConfig()) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.input_norm = nn.BatchNorm2d(c.in_channels, affine=False) if c.input_norm else nn.Identity()
+        self.conv1 = init_conv_(
+            nn.Conv2d(c.in_channels, c.conv1_channels, c.conv1_kernel, stride=c.conv1_stride, padding=c.conv1_kernel // 2)
+        )
+        self.primary_caps = PrimaryCaps(c.conv1_channels, c.primary_types, c.pose_size)
+        self.conv_caps1 = ConvCaps(
+            c.primary_types, c.conv_caps1_types, c.conv_caps1_kernel, c.conv_caps1_stride, routing=c.routing, pose_size=c.pose_size
+        )
+        self.conv_caps2 = ConvCaps(
+            c.conv_caps1_types, c.conv_caps2_types, c.conv_caps2_kernel, c.conv_caps2_stride, routing=c.routing, pose_size=c.pose_size
+        )
+        self.class_caps = ClassCaps(
+            c.conv_caps2_types, c.num_classes, routing=c.routing, coordinate_addition=c.coordinate_addition, pose_size=c.pose_size
+        )
+
+    def forward(self, images: Tensor) -> CapsNetOutput:
+        features = torch.relu(self.conv1(self.input_norm(images)))
+        poses, activations = self.primary_caps(features)
+        poses, activations = self.conv_caps1(poses, activations)
+        poses, activations = self.conv_caps2(poses, activations)
+        poses, activations = self.class_caps(poses, activations)
+        return CapsNetOutput(activations=activations, poses=poses)
+
+    def capsule_layers(self) -> dict[str, nn.Module]:
+        """The capsule layers by name, e.g. to hook their activations for logging."""
+        return {
+            "primary_caps": self.primary_caps,
+            "conv_caps1": self.conv_caps1,
+            "conv_caps2": self.conv_caps2,
+            "class_caps": self.class_caps,
+        }
+
+    def capsule_map_sizes(self) -> dict[str, tuple[int, int]]:
+        """Spatial size ``(H, W)`` of each capsule map for a ``image_size`` input."""
+        c = self.config
+        size = (c.image_size + 2 * (c.conv1_kernel // 2) - c.conv1_kernel) // c.conv1_stride + 1
+        sizes = {"primary_caps": (size, size)}
+        for name, layer in (("conv_caps1", self.conv_caps1), ("conv_caps2", self.conv_caps2)):
+            geometry = layer.make_geometry(size, size)
+            size = geometry.out_height
+            sizes[name] = (geometry.out_height, geometry.out_width)
+        return sizes
+
+
+def build_model(config: CapsNetConfig | str = "smallnorb") -> CapsNet:
+    """A :class:`CapsNet` from a configuration or the name of a preset."""
+    from matcaps.models.config import preset
+
+    return CapsNet(preset(config) if isinstance(config, str) else config)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,109 @@
+"""Configuration objects of the capsule networks and the named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from matcaps.errors import ConfigError
+from matcaps.routing import EMRoutingConfig
+
+
+@dataclass(frozen=True)
+class CapsNetConfig:
+    """Architecture of a matrix-capsule network (Hinton et al. 2018, Figure 1).
+
+    ``input → batch norm (no affine) → ReLU conv K1/s1 with A channels → PrimaryCaps (B)
+    → ConvCaps K2/s2 (C) → ConvCaps K3/s3 (D) → ClassCaps (classes)``.
+
+    The defaults are the IBM smallNORB network (A=64, B=8, C=D=16): 32×32 input, capsule
+    maps of 16×16, 7×7 and 5×5, 67,154 trainable parameters.
+
+    Attributes:
+        num_classes: Number of class capsules.
+        in_channels: Channels of the input images.
+        image_size: Side of the (square) input images; used to report shapes.
+        conv1_channels: ``A``, channels of the first (ordinary) convolution.
+        conv1_kernel, conv1_stride: Its kernel and stride; it is padded by
+            ``conv1_kernel // 2`` ("same" padding), so 32×32 becomes 16×16.
+        primary_types: ``B``, primary capsule types.
+        conv_caps1_types, conv_caps1_kernel, conv_caps1_stride: ``C`` and the window of ConvCaps1.
+        conv_caps2_types, conv_caps2_kernel, conv_caps2_stride: ``D`` and the window of ConvCaps2.
+        pose_size: ``P``; poses are ``P×P`` matrices.
+        coordinate_addition: Add scaled coordinates to the class-capsule votes.
+        input_norm: Batch-normalise the input without learned scale and shift, as IBM does.
+        routing: EM-routing hyper-parameters shared by the three routed layers.
+    """
+
+    num_classes: int = 5
+    in_channels: int = 1
+    image_size: int = 32
+    conv1_channels: int = 64
+    conv1_kernel: int = 5
+    conv1_stride: int = 2
+    primary_types: int = 8
+    conv_caps1_types: int = 16
+    conv_caps1_kernel: int = 3
+    conv_caps1_stride: int = 2
+    conv_caps2_types: int = 16
+    conv_caps2_kernel: int = 3
+    conv_caps2_stride: int = 1
+    pose_size: int = 4
+    coordinate_addition: bool = True
+    input_norm: bool = True
+    routing: EMRoutingConfig = field(default_factory=EMRoutingConfig)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"model option {f.name} must be a positive integer, got {value!r}")
+        if isinstance(self.routing, dict):  # built from a saved configuration
+            object.__setattr__(self, "routing", EMRoutingConfig(**self.routing))
+
+    def replace(self, **changes: Any) -> "CapsNetConfig":
+        """A copy with some fields changed (``routing`` may be given as a dict of changes)."""
+        routing = changes.pop("routing", None)
+        if isinstance(routing, dict):
+            changes["routing"] = dataclasses.replace(self.routing, **routing)
+        elif routing is not None:
+            changes["routing"] = routing
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (JSON/TOML-serialisable)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "CapsNetConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError`."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown model option(s): {', '.join(unknown)}")
+        values = dict(values)
+        if isinstance(values.get("routing"), dict):
+            routing_known = {f.name for f in dataclasses.fields(EMRoutingConfig)}
+            routing_unknown = sorted(set(values["routing"]) - routing_known)
+            if routing_unknown:
+                raise ConfigError(f"unknown routing option(s): {', '.join(routing_unknown)}")
+            values["routing"] = EMRoutingConfig(**values["routing"])
+        return cls(**values)
+
+
+#: Named architectures.  ``smallnorb`` is the IBM network for which Hinton et al. report
+#: 2.2 % test error (97.8 % accuracy) with 3 iterations; ``hinton-large`` is the paper's
+#: A=B=C=D=32 network; ``mnist`` takes 28×28 images and 10 classes (MNIST, Fashion-MNIST).
+PRESETS: dict[str, CapsNetConfig] = {
+    "smallnorb": CapsNetConfig(),
+    "hinton-large": CapsNetConfig(conv1_channels=32, primary_types=32, conv_caps1_types=32, conv_caps2_types=32),
+    "mnist": CapsNetConfig(num_classes=10, image_size=28),
+}
+
+
+def preset(name: str, **changes: Any) -> CapsNetConfig:
+    """The named preset, optionally with some fields changed."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**changes) if changes else PRESETS[name]
