@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from matcaps.layers import ClassCaps, ConvCaps, PrimaryCaps
+from matcaps.layers import ClassCaps, ConvCaps, InputNorm, PrimaryCaps
 from matcaps.layers.init import init_conv_
 from matcaps.models.config import CapsNetConfig
 
@@ -41,7 +41,7 @@ class CapsNet(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.input_norm = nn.BatchNorm2d(c.in_channels, affine=False) if c.input_norm else nn.Identity()
+        self.input_norm = InputNorm(c.in_channels) if c.input_norm else nn.Identity()
         self.conv1 = init_conv_(
             nn.Conv2d(c.in_channels, c.conv1_channels, c.conv1_kernel, stride=c.conv1_stride, padding=c.conv1_kernel // 2)
         )
