@@ -4,6 +4,6 @@ from matcaps.layers.class_caps import ClassCaps
 from matcaps.layers.conv_caps import ConvCaps
 from matcaps.layers.input_norm import InputNorm
 from matcaps.layers.primary import PrimaryCaps
-from matcaps.layers.routed import RoutedCapsules
+from matcaps.layers.routed import RoutedCapsules, RoutingInputs
 
-__all__ = ["ClassCaps", "ConvCaps", "InputNorm", "PrimaryCaps", "RoutedCapsules"]
+__all__ = ["ClassCaps", "ConvCaps", "InputNorm", "PrimaryCaps", "RoutedCapsules", "RoutingInputs"]

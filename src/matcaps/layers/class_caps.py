@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from matcaps.layers.routed import RoutedCapsules
+from matcaps.layers.routed import RoutedCapsules, RoutingInputs
 from matcaps.routing import EMRoutingConfig, RoutingGeometry
 
 #: Coordinates are the centres of the receptive fields, scaled to [0, 1]:
@@ -42,10 +42,9 @@ class ClassCaps(RoutedCapsules):
         coordinate_addition: bool = True,
         pose_size: int = 4,
     ) -> None:
-        super().__init__((in_types, num_classes, pose_size, pose_size), num_classes, routing)
+        super().__init__((in_types, num_classes, pose_size, pose_size), num_classes, routing, pose_size)
         self.in_types = in_types
         self.coordinate_addition = coordinate_addition
-        self.pose_size = pose_size
 
     def make_geometry(self, height: int, width: int) -> RoutingGeometry:
         return RoutingGeometry.fully_connected(height, width)
@@ -59,19 +58,20 @@ class ClassCaps(RoutedCapsules):
         offsets[:, :, 1, -1] = rows.view(-1, 1)
         return offsets.view(height * width, -1)
 
-    def forward(self, poses: Tensor, activations: Tensor) -> tuple[Tensor, Tensor]:
+    def routing_inputs(self, poses: Tensor, activations: Tensor) -> RoutingInputs:
         n, height, width, child_types = activations.shape
         geometry = self.geometry(height, width, activations.device)
         windows = poses.reshape(n, 1, height * width * child_types, self.pose_size, self.pose_size)
-        # Shared over positions: the same D matrices for every position, children ordered (position, type).
+        # Shared over positions: the same D matrices at every position; children ordered (position, type).
         transforms = self.weight.expand(height * width, *self.weight.shape).reshape(-1, *self.weight.shape[1:])
         offsets = None
         if self.coordinate_addition:
             offsets = self.coordinate_offsets(height, width, poses.device, poses.dtype)
-            offsets = offsets.repeat_interleave(child_types, dim=0)  # (H·W·D, P·P), children ordered (position, type)
-        child_activations = activations.reshape(n, 1, -1)
-        out_poses, out_activations = self.route(windows, transforms, child_activations, geometry, offsets)
-        return out_poses.reshape(n, self.out_types, self.pose_size, self.pose_size), out_activations.reshape(n, -1)
+            offsets = offsets.repeat_interleave(child_types, dim=0)  # (H·W·D, P·P)
+        return RoutingInputs(windows, transforms, activations.reshape(n, 1, -1), geometry, offsets)
+
+    def output_shape(self, batch: int, geometry: RoutingGeometry) -> tuple[int, ...]:
+        return (batch, self.out_types)
 
     def extra_repr(self) -> str:
         return (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from matcaps.layers.routed import RoutedCapsules
+from matcaps.layers.routed import RoutedCapsules, RoutingInputs
 from matcaps.routing import EMRoutingConfig, RoutingGeometry
 
 
@@ -41,27 +41,27 @@ class ConvCaps(RoutedCapsules):
         routing: EMRoutingConfig = EMRoutingConfig(),
         pose_size: int = 4,
     ) -> None:
-        super().__init__((kernel_size, kernel_size, in_types, out_types, pose_size, pose_size), out_types, routing)
+        super().__init__((kernel_size, kernel_size, in_types, out_types, pose_size, pose_size), out_types, routing, pose_size)
         self.in_types = in_types
         self.kernel_size = kernel_size
         self.stride = stride
         self.padding = padding
-        self.pose_size = pose_size
 
     def make_geometry(self, height: int, width: int) -> RoutingGeometry:
         return RoutingGeometry.conv(height, width, self.kernel_size, self.stride, self.padding)
 
-    def forward(self, poses: Tensor, activations: Tensor) -> tuple[Tensor, Tensor]:
+    def routing_inputs(self, poses: Tensor, activations: Tensor) -> RoutingInputs:
         n, height, width, child_types = activations.shape
         geometry = self.geometry(height, width, activations.device)
-        windows = geometry.gather(poses.reshape(n, height * width, -1))
+        windows = geometry.gather(poses.reshape(n, height * width, -1))  # (N, L, S, B·P·P)
         windows = windows.view(n, geometry.num_windows, -1, self.pose_size, self.pose_size)  # (N, L, S·B, P, P)
         child_activations = geometry.gather(activations.reshape(n, height * width, child_types))
         child_activations = child_activations.reshape(n, geometry.num_windows, -1)  # (N, L, S·B)
         transforms = self.weight.view(-1, self.out_types, self.pose_size, self.pose_size)  # (S·B, C, P, P)
-        out_poses, out_activations = self.route(windows, transforms, child_activations, geometry)
-        out_shape = (n, geometry.out_height, geometry.out_width, self.out_types)
-        return out_poses.reshape(*out_shape, self.pose_size, self.pose_size), out_activations.reshape(out_shape)
+        return RoutingInputs(windows, transforms, child_activations, geometry, None)
+
+    def output_shape(self, batch: int, geometry: RoutingGeometry) -> tuple[int, ...]:
+        return (batch, geometry.out_height, geometry.out_width, self.out_types)
 
     def extra_repr(self) -> str:
         return (

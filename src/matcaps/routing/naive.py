@@ -9,12 +9,31 @@ readable statement of the algorithm.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from matcaps.routing.config import LOG_2PI, EMRoutingConfig
 from matcaps.routing.geometry import RoutingGeometry
 from matcaps.routing.normalise import softmax_over_parents
+
+
+class RoutingTrace(NamedTuple):
+    """The state of one EM iteration, as recorded by :func:`trace_em_routing`.
+
+    Attributes:
+        routing: ``(N, L, C, I)`` routing weights ``r_ij`` the iteration's M-step used.
+        mean: ``(N, L, C, H)`` parent pose means ``μ_j``.
+        variance: ``(N, L, C, H)`` parent variances ``σ²_j`` (floor included).
+        activations: ``(N, L, C)`` parent activations ``a_j``.
+    """
+
+    routing: Tensor
+    mean: Tensor
+    variance: Tensor
+    activations: Tensor
 
 
 def em_routing_naive(
@@ -39,6 +58,36 @@ def em_routing_naive(
     Returns:
         ``(pose_means, activations)`` of shapes ``(N, L, C, H)`` and ``(N, L, C)``.
     """
+    for state in _iterations(votes, child_activations, beta_v, beta_a, geometry, config):
+        pass
+    return state.mean, state.activations
+
+
+def trace_em_routing(
+    votes: Tensor,
+    child_activations: Tensor,
+    beta_v: Tensor,
+    beta_a: Tensor,
+    geometry: RoutingGeometry,
+    config: EMRoutingConfig,
+) -> list[RoutingTrace]:
+    """Run EM routing and return the state of every iteration (for analysis and plots).
+
+    Same arguments as :func:`em_routing_naive`; differentiable.  The last entry holds the
+    outputs of ``em_routing``; entry ``t`` holds the routing weights its M-step used
+    (the prior ``1 / (|P(x)| · C)`` for ``t = 0``).
+    """
+    return list(_iterations(votes, child_activations, beta_v, beta_a, geometry, config))
+
+
+def _iterations(
+    votes: Tensor,
+    child_activations: Tensor,
+    beta_v: Tensor,
+    beta_a: Tensor,
+    geometry: RoutingGeometry,
+    config: EMRoutingConfig,
+) -> Iterator[RoutingTrace]:
     n, num_windows, parent_types, children, _ = votes.shape
     child_types = children // geometry.window_size
     cost_factor = config.cost_factor(children, parent_types)
@@ -49,9 +98,9 @@ def em_routing_naive(
         mean, variance, activations = _m_step(
             routing, votes, child_activations, beta_v, beta_a, cost_factor, config.inverse_temperature(iteration), config
         )
+        yield RoutingTrace(routing, mean.squeeze(3), variance.squeeze(3), activations)
         if iteration < config.iterations - 1:
             routing = _e_step(votes, mean, variance, activations, geometry, config)
-    return mean.squeeze(3), activations
 
 
 def _m_step(
