@@ -37,7 +37,7 @@ class MarginSchedule:
     def __post_init__(self) -> None:
         if self.steps_per_unit <= 0:
             raise ConfigError(f"margin schedule steps_per_unit must be positive, got {self.steps_per_unit!r}")
-        if not 0 <= self.start and self.start + self.span <= 1 + 1e-12 and self.span >= 0:
+        if not (0 <= self.start and self.span >= 0 and self.start + self.span <= 1 + 1e-12):
             raise ConfigError(
                 f"margin schedule must stay within [0, 1], got start={self.start!r}, span={self.span!r}"
             )

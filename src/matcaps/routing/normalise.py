@@ -44,7 +44,7 @@ def softmax_over_parents(logits: Tensor, geometry: RoutingGeometry) -> Tensor:
 
     Returns:
         ``(N, L, C, I)`` routing weights ``r_ij``; for every child that some window reads,
-        the weights over all its parents sum to one.
+        the weights over all its parents sum to one; slots in the zero padding get 0.
     """
     n, num_windows, _, children = logits.shape
     window_max = logits.detach().amax(dim=2).view(n, num_windows, geometry.window_size, -1)  # (N, L, S, B)
@@ -52,4 +52,8 @@ def softmax_over_parents(logits: Tensor, geometry: RoutingGeometry) -> Tensor:
     # A child whose logits are all -inf has nothing to normalise; keep its shift finite.
     child_max = torch.where(torch.isfinite(child_max), child_max, torch.zeros_like(child_max))
     unnormalised = torch.exp(logits - child_max)
-    return unnormalised / sum_over_parents(unnormalised, geometry)
+    per_window = unnormalised.sum(dim=2).view(n, num_windows, geometry.window_size, -1)  # (N, L, S, B)
+    totals = geometry.scatter_sum(per_window)  # (N, P + 1, B)
+    # Slots in the zero padding are not children: an infinite total gives them weight 0.
+    totals[:, geometry.num_child_positions] = float("inf")
+    return unnormalised / geometry.gather_extended(totals).reshape(n, num_windows, 1, children)

@@ -1,0 +1,106 @@
+"""Gradients of EM routing: gradcheck in float64, and the fused backward against autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from matcaps.layers import ClassCaps, ConvCaps
+from matcaps.models import CapsNet, preset
+from matcaps.routing import ROUTING_IMPLEMENTATIONS, EMRoutingConfig, RoutingGeometry, em_routing, route_capsules
+
+
+def tiny_inputs(side: int, child_types: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    poses = torch.randn(1, side, side, child_types, 4, 4, generator=generator, dtype=torch.float64)
+    # Activations away from 0 keep the routing smooth enough for finite differences.
+    activations = 0.2 + 0.6 * torch.rand(1, side, side, child_types, generator=generator, dtype=torch.float64)
+    return poses.requires_grad_(), activations.requires_grad_()
+
+
+def with_large_betas(layer):
+    """β values that make parent activations depend visibly on the cost (default β_a ≈ −1000 saturates)."""
+    with torch.no_grad():
+        layer.beta_a.normal_(0.0, 1.0)
+        layer.beta_v.normal_(0.0, 1.0)
+    return layer
+
+
+@pytest.mark.parametrize("implementation", ROUTING_IMPLEMENTATIONS)
+@pytest.mark.parametrize("padding", [0, 1])
+def test_conv_caps_gradcheck(implementation, padding):
+    torch.manual_seed(3)
+    routing = EMRoutingConfig(iterations=3, implementation=implementation, final_inverse_temperature=1.0)
+    layer = with_large_betas(ConvCaps(1, 2, 2, 1, padding, routing=routing).double())
+    poses, activations = tiny_inputs(3, 1, seed=padding)
+
+    def function(poses, activations, weight, beta_a, beta_v):
+        layer.weight, layer.beta_a, layer.beta_v = weight, beta_a, beta_v
+        return layer.forward(poses, activations)
+
+    parameters = [torch.nn.Parameter(p.detach().clone()) for p in (layer.weight, layer.beta_a, layer.beta_v)]
+    assert torch.autograd.gradcheck(function, (poses, activations, *parameters), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("implementation", ROUTING_IMPLEMENTATIONS)
+def test_class_caps_with_coordinate_addition_gradcheck(implementation):
+    torch.manual_seed(4)
+    routing = EMRoutingConfig(iterations=2, implementation=implementation, final_inverse_temperature=1.0)
+    layer = with_large_betas(ClassCaps(1, 2, routing=routing).double())
+    poses, activations = tiny_inputs(2, 1, seed=5)
+
+    def function(poses, activations, weight):
+        layer.weight = weight
+        return layer.forward(poses, activations)
+
+    weight = torch.nn.Parameter(layer.weight.detach().clone())
+    assert torch.autograd.gradcheck(function, (poses, activations, weight), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_em_routing_on_votes_gradcheck():
+    """The fused routing of precomputed votes (the ``em_routing`` entry point)."""
+    geometry = RoutingGeometry.conv(3, 3, 2, 1)
+    generator = torch.Generator().manual_seed(6)
+    votes = torch.randn(1, geometry.num_windows, 2, 4, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    child_activations = (0.2 + 0.6 * torch.rand(1, geometry.num_windows, 4, generator=generator, dtype=torch.float64)).requires_grad_()
+    beta_v = torch.randn(2, generator=generator, dtype=torch.float64, requires_grad=True)
+    beta_a = torch.randn(2, generator=generator, dtype=torch.float64, requires_grad=True)
+    config = EMRoutingConfig(iterations=3, final_inverse_temperature=1.0)
+    assert torch.autograd.gradcheck(
+        lambda *args: em_routing(*args, geometry, config), (votes, child_activations, beta_v, beta_a), eps=1e-6, atol=1e-5
+    )
+
+
+def small_network(implementation: str) -> CapsNet:
+    config = preset("smallnorb").replace(
+        conv1_channels=8, primary_types=4, conv_caps1_types=4, conv_caps2_types=4,
+        routing={"iterations": 3, "implementation": implementation},
+    )  # fmt: skip
+    return CapsNet(config)
+
+
+def test_fused_and_naive_give_the_same_gradients_for_the_whole_network():
+    torch.manual_seed(7)
+    fused = small_network("fused").double()
+    naive = small_network("naive").double()
+    naive.load_state_dict(fused.state_dict())
+    images = torch.randn(4, 1, 32, 32, dtype=torch.float64)
+    results = []
+    for model in (fused, naive):
+        output = model(images)
+        (output.activations.sum() + 0.01 * output.poses.square().sum()).backward()
+        results.append((output, {name: p.grad for name, p in model.named_parameters()}))
+    (fused_out, fused_grads), (naive_out, naive_grads) = results
+    torch.testing.assert_close(fused_out.activations, naive_out.activations, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(fused_out.poses, naive_out.poses, rtol=1e-9, atol=1e-12)
+    for name, grad in fused_grads.items():
+        assert grad is not None and torch.isfinite(grad).all(), name
+        torch.testing.assert_close(grad, naive_grads[name], rtol=1e-7, atol=1e-10, msg=name)
+
+
+def test_route_capsules_rejects_mismatched_shapes():
+    geometry = RoutingGeometry.conv(3, 3, 2, 1)
+    windows = torch.randn(1, geometry.num_windows, 4, 4, 4)
+    transforms = torch.randn(5, 2, 4, 4)  # 5 children per window instead of 4
+    with pytest.raises(ValueError, match="do not match"):
+        route_capsules(windows, transforms, torch.rand(1, 4, 4), torch.zeros(2), torch.zeros(2), geometry, EMRoutingConfig())

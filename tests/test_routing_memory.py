@@ -1,0 +1,50 @@
+"""Peak memory of a ConvCaps forward grows linearly with the number of positions.
+
+The TensorFlow implementation normalises routing weights with a dense
+``(child positions × parent positions)`` tensor per layer, quadratic in the map size; ours
+uses scatter/gather.  Each measurement runs in a fresh interpreter and reads the
+resident-set high-water mark, so it sees every allocation, whatever allocated it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+MEASURE = """
+import json, resource, sys, torch
+from matcaps.layers import ConvCaps
+from matcaps.routing import EMRoutingConfig
+side, implementation = int(sys.argv[1]), sys.argv[2]
+torch.manual_seed(0)
+torch.set_num_threads(1)
+layer = ConvCaps(8, 16, 3, 2, routing=EMRoutingConfig(implementation=implementation))
+poses, activations = torch.randn(2, side, side, 8, 4, 4), torch.rand(2, side, side, 8)
+with torch.no_grad():
+    layer(torch.randn(1, 5, 5, 8, 4, 4), torch.rand(1, 5, 5, 8))  # load kernels, warm caches
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with torch.no_grad():
+    layer(poses, activations)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"windows": ((side - 3) // 2 + 1) ** 2, "peak_kib": after - before}))
+"""
+
+
+def peak_memory(side: int, implementation: str) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(side), implementation], capture_output=True, text=True, check=True, timeout=300
+    )
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("implementation", ["fused", "naive"])
+def test_conv_caps_peak_memory_is_linear_in_the_map_size(implementation):
+    small, large = peak_memory(20, implementation), peak_memory(60, implementation)
+    assert large["windows"] / small["windows"] > 9  # 81 → 841 parent positions
+    per_window_small = small["peak_kib"] / small["windows"]
+    per_window_large = large["peak_kib"] / large["windows"]
+    # Linear: the memory per parent position stays put (quadratic would multiply it by ~10).
+    assert 0.5 * per_window_small < per_window_large < 2.0 * per_window_small, (small, large)
