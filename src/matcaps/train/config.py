@@ -1,0 +1,323 @@
+"""The training configuration: one explicit dataclass, read from TOML/YAML/JSON files and flags.
+
+Every option of ``matcaps train`` is a field of :class:`TrainConfig` whose metadata holds
+its help text; the command line is generated from these fields (``--batch-size`` for
+``batch_size``), so the file format and the flags cannot drift apart.  Precedence is
+``defaults < --config FILE < flags``.  The resolved configuration is written into each
+run directory as ``config.toml``; ``matcaps train --config RUN/config.toml`` trains the
+same run again (in a new run directory).
+
+The defaults are the IBM smallNORB recipe (Gritzman 2019, ``train_val.py``): Adam with
+learning rate 3e-3 decayed continuously by 0.96 every 20,000 steps, batch 64, the spread
+loss with Hinton's margin schedule, and 2 routing iterations (the preset's).  The L2
+penalty of ``2e-7`` (Hinton et al.) is defined by IBM but off by default; ``--l2 2e-7``
+turns it on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from matcaps.errors import ConfigError
+from matcaps.losses import MarginSchedule
+from matcaps.models import PRESETS, CapsNetConfig, preset
+
+#: Data splits ``matcaps.data`` knows (train/test viewpoints of smallNORB).
+SPLITS: tuple[str, ...] = ("standard", "azimuth", "elevation")
+#: Numeric precisions of the forward pass.
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+#: Highest number of EM iterations accepted (Hinton et al. use 3; more diverges).
+MAX_ROUTING_ITERATIONS = 3
+#: Suffixes of the configuration files that ``load_config_file`` reads.
+CONFIG_SUFFIXES: tuple[str, ...] = (".toml", ".yaml", ".yml", ".json")
+#: Options that may differ from the saved configuration when a run is resumed.
+RESUMABLE_CHANGES: frozenset[str] = frozenset(
+    {"epochs", "max_steps", "workers", "device", "log_every", "histogram_every", "checkpoint_every",
+     "val_every", "val_batch_size", "progress", "data_root", "compile"}
+)
+
+
+def _option(default: Any, kind: str, help: str, group: str, **extra: Any) -> Any:
+    """A dataclass field carrying what the command line needs to expose it."""
+    metadata = {"kind": kind, "help": help, "group": group, **extra}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run (not where it is written).
+
+    ``kind`` in each field's metadata is one of ``int``, ``float``, ``bool``, ``str``,
+    ``ints`` (a tuple of ints) or ``table`` (a nested mapping); a trailing ``?`` allows
+    None ("not set": the value comes from the dataset or the model preset).
+    """
+
+    # Data.
+    dataset: str = _option("smallnorb", "str", "dataset name (see `matcaps data --help`)", "data")
+    data_root: str = _option("data", "str", "directory holding the prepared datasets", "data")
+    split: str = _option("standard", "str", "train/test split: standard, or the novel-viewpoint "
+                         "azimuth/elevation splits of smallNORB", "data", choices=SPLITS)
+    validation: bool = _option(True, "bool", "hold out a validation set from the training data", "data")
+    val_instances: tuple[int, ...] = _option((4,), "ints", "smallNORB training instances held out "
+                                             "for validation", "data")
+    val_size: int = _option(5000, "int", "validation images held out for datasets without "
+                            "instances (MNIST-like)", "data")
+    # Model.
+    model: str | None = _option(None, "str?", "architecture preset (default: smallnorb for "
+                                "smallNORB, mnist for 28x28 datasets)", "model", choices=tuple(PRESETS))
+    iters: int | None = _option(None, "int?", "EM routing iterations, 1 to 3 (default: the preset's, 2)", "model")
+    routing_impl: str | None = _option(None, "str?", "routing implementation: fused (default) or "
+                                       "naive (plain autograd)", "model", choices=("fused", "naive"))
+    model_options: dict[str, Any] = _option({}, "table", "changes to the preset's CapsNetConfig "
+                                            "fields, e.g. conv1_channels=32 (repeatable)", "model")
+    # Optimisation.
+    epochs: int = _option(500, "int", "training epochs (IBM's published curve: 500)", "optimisation")
+    max_steps: int | None = _option(None, "int?", "stop after this many steps (overrides --epochs)", "optimisation")
+    batch_size: int = _option(64, "int", "global batch size (split over processes)", "optimisation")
+    lr: float = _option(3e-3, "float", "Adam learning rate", "optimisation")
+    lr_decay: float = _option(0.96, "float", "learning-rate factor per --lr-decay-steps (applied "
+                              "continuously, every step)", "optimisation")
+    lr_decay_steps: int = _option(20_000, "int", "steps over which the learning rate decays by "
+                                  "--lr-decay", "optimisation")
+    weight_decay: float = _option(0.0, "float", "L2 penalty factor on weights, TensorFlow l2_loss "
+                                  "convention (Hinton et al.: 2e-7; IBM default: off)", "optimisation",
+                                  aliases=("--l2",))
+    margin_start: float = _option(0.2, "float", "spread-loss margin at the start", "optimisation")
+    margin_span: float = _option(0.79, "float", "total growth of the margin", "optimisation")
+    margin_steps: float = _option(50_000.0, "float", "steps per unit of the margin's sigmoid", "optimisation")
+    margin_offset: float = _option(4.0, "float", "offset of the margin's sigmoid", "optimisation")
+    margin_cap: float = _option(10.0, "float", "cap of the margin's sigmoid argument", "optimisation")
+    # Execution.
+    seed: int = _option(0, "int", "random seed (model init, data order, augmentation)", "execution")
+    workers: int = _option(2, "int", "data-loader worker processes per training process", "execution")
+    device: str = _option("auto", "str", "auto, cpu, cuda or cuda:N", "execution")
+    precision: str = _option("fp32", "str", "fp32, or bf16 autocast (CUDA only)", "execution",
+                             choices=PRECISIONS)
+    compile: bool = _option(False, "bool", "torch.compile the model", "execution")
+    # Monitoring.
+    val_every: int = _option(1, "int", "validate every N epochs (0: never)", "monitoring")
+    val_batch_size: int = _option(256, "int", "batch size of validation", "monitoring")
+    log_every: int = _option(100, "int", "log training scalars every N steps", "monitoring")
+    histogram_every: int = _option(1000, "int", "log activation and beta histograms every N steps "
+                                   "(0: never)", "monitoring")
+    checkpoint_every: int = _option(1000, "int", "write last.pt every N steps (it is also written "
+                                    "after every epoch; 0: epochs only)", "monitoring")
+    progress: bool = _option(True, "bool", "show tqdm progress bars", "monitoring")
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every field (tuples as lists, None kept)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values["val_instances"] = list(self.val_instances)
+        values["model_options"] = json.loads(json.dumps(self.model_options))
+        return values
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "configuration") -> "TrainConfig":
+        """Inverse of :meth:`to_dict`; unknown keys and wrong types raise :class:`ConfigError`."""
+        return cls(**coerce_values(values, source))
+
+    def margin_schedule(self) -> MarginSchedule:
+        """The spread-loss margin schedule of this run."""
+        return MarginSchedule(self.margin_start, self.margin_span, self.margin_steps, self.margin_offset, self.margin_cap)
+
+    def lr_factor(self, step: int) -> float:
+        """``lr_decay ** (step / lr_decay_steps)``: the learning-rate multiplier after ``step`` steps."""
+        return self.lr_decay ** (step / self.lr_decay_steps)
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _check_kind(name: str, value: Any, kind: str, source: str) -> Any:
+    """``value`` converted to the field's kind, or :class:`ConfigError` naming the option."""
+    optional = kind.endswith("?")
+    kind = kind.rstrip("?")
+    if value is None and optional:
+        return None
+    where = f"{source}: option {name}"
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    if kind == "ints":
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+            raise ConfigError(f"{where} must be a list of integers, got {value!r}")
+        return tuple(value)
+    if kind == "table":
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a table of model options, got {value!r}")
+        return json.loads(json.dumps(value))
+    raise AssertionError(f"unknown option kind {kind!r}")  # pragma: no cover
+
+
+def coerce_values(values: Mapping[str, Any], source: str = "configuration") -> dict[str, Any]:
+    """Check names and types of ``values`` (a partial configuration) against :class:`TrainConfig`."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{source}: expected a table of options, got {type(values).__name__}")
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown option(s): {', '.join(unknown)}")
+    return {name: _check_kind(name, value, FIELDS[name].metadata["kind"], source) for name, value in values.items()}
+
+
+def validate(config: TrainConfig) -> None:
+    """Raise :class:`ConfigError` for impossible values (called by ``TrainConfig`` itself)."""
+    for name, f in FIELDS.items():
+        _check_kind(name, getattr(config, name), f.metadata["kind"], "configuration")
+        choices = f.metadata.get("choices")
+        value = getattr(config, name)
+        if choices and value is not None and value not in choices:
+            raise ConfigError(f"option {name}: {value!r} is not one of {', '.join(choices)}")
+    positive = ("epochs", "batch_size", "lr_decay_steps", "val_batch_size", "log_every", "val_size")
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise ConfigError(f"option {name} must be at least 1, got {getattr(config, name)!r}")
+    for name in ("workers", "val_every", "histogram_every", "checkpoint_every"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"option {name} must not be negative, got {getattr(config, name)!r}")
+    if config.max_steps is not None and config.max_steps < 1:
+        raise ConfigError(f"option max_steps must be at least 1, got {config.max_steps!r}")
+    if not (math.isfinite(config.lr) and config.lr > 0):
+        raise ConfigError(f"option lr must be a positive number, got {config.lr!r}")
+    if not 0 < config.lr_decay <= 1:
+        raise ConfigError(f"option lr_decay must be in (0, 1], got {config.lr_decay!r}")
+    if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
+        raise ConfigError(f"option weight_decay must be a non-negative number, got {config.weight_decay!r}")
+    if config.iters is not None and not 1 <= config.iters <= MAX_ROUTING_ITERATIONS:
+        raise ConfigError(f"option iters must be between 1 and {MAX_ROUTING_ITERATIONS}, got {config.iters!r}")
+    if not config.device or not (config.device in ("auto", "cpu") or config.device.startswith("cuda")):
+        raise ConfigError(f"option device must be auto, cpu, cuda or cuda:N, got {config.device!r}")
+    config.margin_schedule()  # raises ConfigError for an impossible schedule
+
+
+def default_model_name(dataset: str) -> str:
+    """The preset trained on ``dataset`` when ``--model`` is not given."""
+    return "smallnorb" if dataset == "smallnorb" else "mnist"
+
+
+def resolve_model_config(config: TrainConfig, num_classes: int, image_size: int, channels: int) -> CapsNetConfig:
+    """The network to train: preset → dataset shape → ``model_options`` → ``iters``/``routing_impl``."""
+    base = preset(config.model or default_model_name(config.dataset))
+    merged = base.replace(num_classes=num_classes, image_size=image_size, in_channels=channels).to_dict()
+    options = dict(config.model_options)
+    routing_options = options.pop("routing", {})
+    if not isinstance(routing_options, Mapping):
+        raise ConfigError(f"model option routing must be a table, got {routing_options!r}")
+    merged.update(options)
+    merged["routing"].update(routing_options)
+    if config.iters is not None:
+        merged["routing"]["iterations"] = config.iters
+    if config.routing_impl is not None:
+        merged["routing"]["implementation"] = config.routing_impl
+    try:
+        model_config = CapsNetConfig.from_dict(merged)
+    except TypeError as error:
+        raise ConfigError(f"invalid model options: {error}") from None
+    if model_config.num_classes != num_classes:
+        raise ConfigError(
+            f"model option num_classes={model_config.num_classes} does not match the {num_classes} "
+            f"classes of dataset {config.dataset}"
+        )
+    if not 1 <= model_config.routing.iterations <= MAX_ROUTING_ITERATIONS:
+        raise ConfigError(
+            f"routing iterations must be between 1 and {MAX_ROUTING_ITERATIONS}, got {model_config.routing.iterations}"
+        )
+    return model_config
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The options in a TOML, YAML or JSON file (checked, not yet merged with defaults)."""
+    path = Path(path)
+    if path.suffix.lower() not in CONFIG_SUFFIXES:
+        raise ConfigError(f"configuration file {path}: unknown format (use {', '.join(CONFIG_SUFFIXES)})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot read configuration file {path}: {error.strerror or error}") from None
+    try:
+        if path.suffix.lower() == ".toml":
+            values = tomllib.loads(text)
+        elif path.suffix.lower() == ".json":
+            values = json.loads(text)
+        else:
+            values = yaml.safe_load(text) or {}
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(f"cannot parse configuration file {path}: {reason}") from None
+    return coerce_values(values, f"configuration file {path}")
+
+
+def build_config(file_values: Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then the values of a configuration file, then explicit overrides (flags)."""
+    values: dict[str, Any] = {}
+    values.update(file_values or {})
+    values.update(coerce_values(overrides or {}, "command line"))
+    return TrainConfig.from_dict(values)
+
+
+# --------------------------------------------------------------------------- TOML writing
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return {math.inf: "inf", -math.inf: "-inf"}.get(value, "nan")
+        text = repr(value)
+        return text if any(c in text for c in ".en") else text + ".0"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(values: Mapping[str, Any], prefix: str = "") -> str:
+    """A TOML document for a nested dict of scalars and lists (None values are left out)."""
+    lines = [f"{key} = {_toml_value(v)}" for key, v in values.items() if v is not None and not isinstance(v, Mapping)]
+    for key, v in values.items():
+        if isinstance(v, Mapping):
+            name = f"{prefix}{key}"
+            lines += ["", f"[{name}]", to_toml(v, name + ".").rstrip("\n")]
+    return "\n".join(lines).strip("\n") + "\n"
+
+
+def save_config(config: TrainConfig, path: str | Path, header: str = "") -> None:
+    """Write ``config`` as TOML (every field, so the file alone reproduces the run)."""
+    text = "".join(f"# {line}\n" for line in header.splitlines()) + to_toml(config.to_dict())
+    Path(path).write_text(text, encoding="utf-8")
