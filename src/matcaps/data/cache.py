@@ -1,0 +1,407 @@
+"""Preparing a dataset once into a compact, memory-mappable cache.
+
+``prepare(name, root)`` parses the raw files (downloading the missing ones) and writes::
+
+    ROOT/<dataset>/prepared/
+        manifest.json          counts, shapes, format version, source files and sizes
+        train_images.npy       (N, H, W) uint8      smallNORB: H = W = 96, MNIST: 28
+        train_labels.npy       (N,) int64
+        train_info.npy         (N, 4) int16         smallNORB only: instance, elevation,
+        test_*.npy                                   azimuth, lighting (raw NORB codes)
+
+smallNORB: both stereo images of a pair become separate, consecutive samples (rows
+``2i`` and ``2i + 1`` are pair ``i``), 48,600 per split, each pair's label and info
+repeated.  Images stay at 96×96 uint8 (448 MB per split, read lazily through memmaps):
+the cache keeps the source pixels exactly, so resizing choices stay in the transform.
+
+Atomicity: everything is written into a fresh ``.prepared.tmp-<pid>-<n>`` directory,
+fsynced, the manifest written last, and the directory renamed to ``prepared`` as the
+final step.  A cache is valid only with a readable manifest of the current
+:data:`CACHE_FORMAT_VERSION` whose arrays exist with the announced shapes, so a prepare
+that is killed midway never leaves something that later looks valid; the next prepare
+removes its leftovers and rebuilds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from matcaps.errors import DataFormatError, DatasetNotFoundError, DownloadError
+from matcaps.data.download import download_file
+from matcaps.data.idx_format import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, read_idx
+from matcaps.data.norb_format import read_norb, read_norb_header, stream_norb_into
+from matcaps.data.sources import (
+    SourceFile,
+    check_dataset_name,
+    dataset_dir,
+    dataset_info,
+    find_source,
+    raw_dir,
+    source_files,
+)
+
+#: Version of the cache layout; a cache with another version is rebuilt.
+CACHE_FORMAT_VERSION = 1
+
+#: Name of the cache directory below ``ROOT/<dataset>``.
+CACHE_DIR_NAME = "prepared"
+
+#: Name of the manifest inside the cache directory.
+MANIFEST_NAME = "manifest.json"
+
+#: Prefixes of the temporary directories of an unfinished prepare / an old cache.
+TMP_PREFIX = ".prepared.tmp-"
+OLD_PREFIX = ".prepared.old-"
+
+#: The two splits of every dataset.
+SPLIT_NAMES = ("train", "test")
+
+#: Columns of smallNORB's ``-info`` matrix, in file order.
+NORB_INFO_COLUMNS = ("instance", "elevation", "azimuth", "lighting")
+
+#: Valid raw codes per info column (elevation 0..8 = 30..70°, azimuth 0,2,..,34 = ×10°).
+NORB_INFO_CODES: dict[str, frozenset[int]] = {
+    "instance": frozenset(range(10)),
+    "elevation": frozenset(range(9)),
+    "azimuth": frozenset(range(0, 35, 2)),
+    "lighting": frozenset(range(6)),
+}
+
+#: smallNORB stores stereo pairs: two images per row of ``-dat``.
+NORB_STEREO = 2
+
+
+def cache_dir(name: str, root: Path | str) -> Path:
+    """``ROOT/<dataset>/prepared``."""
+    return dataset_dir(name, Path(root)) / CACHE_DIR_NAME
+
+
+def split_file(split: str, field: str) -> str:
+    """File name of one array of the cache, e.g. ``train_images.npy``."""
+    return f"{split}_{field}.npy"
+
+
+# ----------------------------------------------------------------------------- validity
+
+
+def read_manifest(cache: Path, name: str) -> dict:
+    """The manifest of the cache directory ``cache``, checked against the arrays.
+
+    Raises:
+        DatasetNotFoundError: no cache / no manifest.
+        DataFormatError: unreadable manifest, other version or dataset, missing or
+            wrongly shaped arrays.
+    """
+    manifest_path = cache / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise DatasetNotFoundError(f"{cache}: no prepared {name} cache (missing {MANIFEST_NAME})")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        version, dataset, splits = manifest["format_version"], manifest["dataset"], manifest["splits"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DataFormatError(f"{manifest_path}: unreadable manifest: {error}") from error
+    if version != CACHE_FORMAT_VERSION:
+        raise DataFormatError(f"{manifest_path}: cache format version {version}, expected {CACHE_FORMAT_VERSION}")
+    if dataset != name:
+        raise DataFormatError(f"{manifest_path}: holds dataset {dataset!r}, expected {name!r}")
+    for split in SPLIT_NAMES:
+        try:
+            entry = splits[split]
+            count, shape, files = int(entry["count"]), tuple(entry["image_shape"]), entry["files"]
+        except (KeyError, TypeError, ValueError) as error:
+            raise DataFormatError(f"{manifest_path}: incomplete entry for split {split!r}: {error}") from error
+        expected = {"images": (count, *shape), "labels": (count,)}
+        if "info" in files:
+            expected["info"] = (count, len(NORB_INFO_COLUMNS))
+        for field, want in expected.items():
+            path = cache / files[field]
+            try:
+                array = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as error:
+                raise DataFormatError(f"{path}: missing or unreadable cache array: {error}") from error
+            if tuple(array.shape) != want:
+                raise DataFormatError(f"{path}: shape {tuple(array.shape)}, the manifest says {want}")
+    return manifest
+
+
+def is_valid_cache(name: str, root: Path | str) -> bool:
+    """Whether ``ROOT/<dataset>/prepared`` is a complete cache of the current version."""
+    try:
+        read_manifest(cache_dir(name, root), name)
+    except (DataFormatError, DatasetNotFoundError):
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def locate_sources(
+    name: str, root: Path, download: bool, progress: bool
+) -> dict[str, Path]:
+    """Path of every raw file of ``name``, downloading the missing ones if allowed.
+
+    Raises:
+        DatasetNotFoundError: files are missing and ``download`` is False.
+        DownloadError: a download failed on every mirror.
+    """
+    found: dict[str, Path] = {}
+    missing: list[SourceFile] = []
+    for source in source_files(name):
+        path = find_source(name, root, source)
+        if path is None:
+            missing.append(source)
+        else:
+            found[source.key] = path
+    if missing and not download:
+        names = ", ".join(source.filename for source in missing)
+        raise DatasetNotFoundError(
+            f"{name}: missing raw files {names} (or their decompressed versions) in {raw_dir(name, root)}; "
+            f"place them there or rerun without --no-download"
+        )
+    for source in missing:
+        found[source.key] = _download_source(name, root, source, progress)
+    return found
+
+
+def _download_source(name: str, root: Path, source: SourceFile, progress: bool) -> Path:
+    destination = raw_dir(name, root) / source.filename
+    failures = []
+    for url in source.urls:
+        try:
+            return download_file(url, destination, progress=progress)
+        except DownloadError as error:
+            failures.append(str(error))
+    raise DownloadError(
+        "; ".join(failures)
+        + f". If you are offline, fetch {source.filename} from {source.urls[0]} on another machine and "
+        f"place it (gzipped or decompressed) in {raw_dir(name, root)} or {dataset_dir(name, root)}, "
+        f"then run `matcaps data {name} --root {root} --no-download`"
+    )
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_array(path: Path, array: np.ndarray) -> None:
+    """Write a small array as ``.npy`` and fsync it."""
+    np.save(path, array)
+    _fsync_file(path)
+
+
+def _check_codes(path: Path, what: str, values: np.ndarray, allowed: frozenset[int]) -> None:
+    bad = np.setdiff1d(np.unique(values), np.fromiter(allowed, dtype=np.int64))
+    if bad.size:
+        raise DataFormatError(
+            f"{path}: invalid {what} values {bad[:5].tolist()}; expected values in {sorted(allowed)}"
+        )
+
+
+def _prepare_norb_split(split: str, sources: dict[str, Path], out: Path, bar: tqdm) -> dict:
+    dat, cat, info = (sources[f"{split}_{part}"] for part in ("dat", "cat", "info"))
+    header = read_norb_header(dat)
+    if header.dtype != np.uint8 or len(header.shape) != 4 or header.shape[1] != NORB_STEREO:
+        raise DataFormatError(
+            f"{dat}: expected uint8 stereo images of shape (pairs, 2, height, width), "
+            f"found {header.dtype} of shape {list(header.shape)}"
+        )
+    pairs, _, height, width = header.shape
+    labels = read_norb(cat)
+    if labels.shape != (pairs,) or labels.dtype != np.int32:
+        raise DataFormatError(
+            f"{cat}: expected {pairs} int32 labels (shape [{pairs}]) to match {dat.name}, "
+            f"found {labels.dtype} of shape {list(labels.shape)}"
+        )
+    _check_codes(cat, "category", labels, frozenset(range(dataset_info("smallnorb").num_classes)))
+    table = read_norb(info)
+    if table.shape != (pairs, len(NORB_INFO_COLUMNS)) or table.dtype != np.int32:
+        raise DataFormatError(
+            f"{info}: expected int32 info of shape [{pairs}, {len(NORB_INFO_COLUMNS)}] to match {dat.name}, "
+            f"found {table.dtype} of shape {list(table.shape)}"
+        )
+    for column, field in enumerate(NORB_INFO_COLUMNS):
+        _check_codes(info, field, table[:, column], NORB_INFO_CODES[field])
+
+    count = pairs * NORB_STEREO
+    images = np.lib.format.open_memmap(out / split_file(split, "images"), mode="w+", dtype=np.uint8,
+                                       shape=(count, height, width))
+    stream_norb_into(dat, images, expected_dtype=np.uint8, on_bytes=bar.update)
+    images.flush()
+    del images
+    _fsync_file(out / split_file(split, "images"))
+    save_array(out / split_file(split, "labels"), np.repeat(labels.astype(np.int64), NORB_STEREO))
+    save_array(out / split_file(split, "info"), np.repeat(table.astype(np.int16), NORB_STEREO, axis=0))
+    return {
+        "count": count,
+        "image_shape": [height, width],
+        "files": {field: split_file(split, field) for field in ("images", "labels", "info")},
+        "info_columns": list(NORB_INFO_COLUMNS),
+    }
+
+
+def _prepare_idx_split(name: str, split: str, sources: dict[str, Path], out: Path, bar: tqdm) -> dict:
+    images_path, labels_path = sources[f"{split}_images"], sources[f"{split}_labels"]
+    images = read_idx(images_path, expected_magic=IDX_IMAGES_MAGIC)
+    labels = read_idx(labels_path, expected_magic=IDX_LABELS_MAGIC)
+    if labels.shape != (images.shape[0],):
+        raise DataFormatError(
+            f"{labels_path}: {labels.shape[0]} labels but {images_path.name} has {images.shape[0]} images"
+        )
+    _check_codes(labels_path, "label", labels, frozenset(range(dataset_info(name).num_classes)))
+    save_array(out / split_file(split, "images"), images)
+    save_array(out / split_file(split, "labels"), labels.astype(np.int64))
+    bar.update(images.nbytes)
+    return {
+        "count": int(images.shape[0]),
+        "image_shape": list(images.shape[1:]),
+        "files": {field: split_file(split, field) for field in ("images", "labels")},
+    }
+
+
+def _total_bytes(name: str, sources: dict[str, Path]) -> int | None:
+    if name != "smallnorb":
+        return None
+    return sum(read_norb_header(sources[f"{split}_dat"]).data_bytes for split in SPLIT_NAMES)
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    path = out / MANIFEST_NAME
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    _fsync_file(path)
+
+
+def build_cache(name: str, sources: dict[str, Path], out: Path, progress: bool) -> dict:
+    """Write every array and, last, the manifest of ``name`` into the empty directory ``out``."""
+    splits = {}
+    with tqdm(total=_total_bytes(name, sources), unit="B", unit_scale=True, unit_divisor=1024,
+              desc=f"preparing {name}", disable=not progress, leave=False) as bar:
+        for split in SPLIT_NAMES:
+            if name == "smallnorb":
+                splits[split] = _prepare_norb_split(split, sources, out, bar)
+            else:
+                splits[split] = _prepare_idx_split(name, split, sources, out, bar)
+    manifest = {
+        "format_version": CACHE_FORMAT_VERSION,
+        "dataset": name,
+        "splits": splits,
+        "sources": {key: {"file": path.name, "bytes": path.stat().st_size} for key, path in sorted(sources.items())},
+    }
+    _write_manifest(out, manifest)
+    _fsync_dir(out)
+    return manifest
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - someone else's process
+        return True
+    return True
+
+
+def remove_leftovers(parent: Path) -> None:
+    """Delete temporary / old cache directories left by prepares that are no longer running."""
+    if not parent.is_dir():
+        return
+    for entry in parent.iterdir():
+        if not entry.is_dir() or not entry.name.startswith((TMP_PREFIX, OLD_PREFIX)):
+            continue
+        pid_text = entry.name.split("-")[-2] if entry.name.count("-") >= 2 else ""
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and _pid_alive(int(pid_text)):
+            continue  # another prepare is running right now
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def _fresh_dir(parent: Path, prefix: str) -> Path:
+    for n in itertools.count():
+        path = parent / f"{prefix}{os.getpid()}-{n}"
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _swap_into_place(tmp: Path, cache: Path) -> None:
+    """Rename ``tmp`` to ``cache``, moving an existing ``cache`` aside first."""
+    old = None
+    if cache.exists():
+        old = _fresh_dir(cache.parent, OLD_PREFIX)
+        os.replace(cache, old / CACHE_DIR_NAME)
+    os.replace(tmp, cache)
+    _fsync_dir(cache.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare(
+    name: str,
+    root: Path | str,
+    download: bool = True,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Make sure ``ROOT/<name>/prepared`` holds a valid cache and return its path.
+
+    Args:
+        name: one of :data:`~matcaps.data.DATASET_NAMES`.
+        root: data root directory (``--root``).
+        download: fetch missing raw files (else a missing file is an error).
+        force: rebuild even if a valid cache exists.
+        progress: show tqdm progress bars on stderr.
+
+    Returns:
+        The cache directory.
+
+    Raises:
+        DatasetNotFoundError: raw files missing and ``download`` is False.
+        DownloadError: a raw file could not be downloaded.
+        DataFormatError: a raw file is corrupted (the message names it).
+    """
+    check_dataset_name(name)
+    root = Path(root)
+    cache = cache_dir(name, root)
+    if not force and is_valid_cache(name, root):
+        return cache
+    sources = locate_sources(name, root, download, progress)
+    remove_leftovers(cache.parent)
+    tmp = _fresh_dir(cache.parent, TMP_PREFIX)
+    try:
+        build_cache(name, sources, tmp, progress)
+        _swap_into_place(tmp, cache)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return cache

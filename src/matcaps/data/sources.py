@@ -1,0 +1,163 @@
+"""What each supported dataset is: its classes, image size and raw source files.
+
+The raw files are looked for (compressed ``.gz`` or already decompressed) in, in order:
+``ROOT/<dataset>/raw/`` (where downloads go), ``ROOT/<dataset>/`` and, for smallNORB
+only (whose file names are unambiguous), ``ROOT/`` itself.  MNIST and Fashion-MNIST
+share their file names, so they are never taken from ``ROOT/`` directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from matcaps.errors import ConfigError
+
+#: Every dataset name the library knows.
+DATASET_NAMES: tuple[str, ...] = ("smallnorb", "mnist", "fashion-mnist")
+
+#: Side of the network input for smallNORB: a 32×32 crop of the image resized to 48×48.
+SMALLNORB_INPUT_SIZE = 32
+
+#: Side of MNIST / Fashion-MNIST images, fed to the network unchanged.
+DIGITS_INPUT_SIZE = 28
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a dataset as the network sees it.
+
+    Attributes:
+        name: one of :data:`DATASET_NAMES`.
+        num_classes: number of classes ``K``.
+        class_names: ``K`` human-readable names, index = label.
+        image_size: side ``S`` of the ``(1, S, S)`` network input.
+        channels: number of input channels (1 for all three datasets).
+    """
+
+    name: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    image_size: int
+    channels: int = 1
+
+
+_INFOS: dict[str, DatasetInfo] = {
+    "smallnorb": DatasetInfo("smallnorb", 5, ("animal", "human", "airplane", "truck", "car"), SMALLNORB_INPUT_SIZE),
+    "mnist": DatasetInfo("mnist", 10, tuple(str(d) for d in range(10)), DIGITS_INPUT_SIZE),
+    "fashion-mnist": DatasetInfo(
+        "fashion-mnist",
+        10,
+        ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+        DIGITS_INPUT_SIZE,
+    ),
+}
+
+
+def check_dataset_name(name: str) -> str:
+    """Return ``name`` if known, else raise :class:`ConfigError` listing the known ones."""
+    if name not in _INFOS:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+    return name
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """The :class:`DatasetInfo` of ``name``; an unknown name raises :class:`ConfigError`."""
+    return _INFOS[check_dataset_name(name)]
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One raw file of a dataset.
+
+    Attributes:
+        key: role of the file in the dataset, e.g. ``"train_images"``.
+        filename: the published (gzipped) name, ending in ``.gz``.
+        mirrors: base URLs (ending in ``/``) tried in order.
+    """
+
+    key: str
+    filename: str
+    mirrors: tuple[str, ...]
+
+    @property
+    def plain_name(self) -> str:
+        """The name once decompressed (``filename`` without ``.gz``)."""
+        return self.filename[: -len(".gz")] if self.filename.endswith(".gz") else self.filename
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Full URLs, one per mirror."""
+        return tuple(base + self.filename for base in self.mirrors)
+
+
+#: NYU's smallNORB directory (the only official source).
+SMALLNORB_MIRRORS = ("https://cs.nyu.edu/~ylclab/data/norb-v1.0-small/",)
+
+#: MNIST mirrors: the PyTorch CI copy and Google's CVDF copy.
+MNIST_MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+)
+
+#: Zalando's Fashion-MNIST bucket.
+FASHION_MNIST_MIRRORS = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",)
+
+#: smallNORB file name stems: training instances 4,6,7,8,9 and test instances 0,1,2,3,5.
+SMALLNORB_TRAIN_STEM = "smallnorb-5x46789x9x18x6x2x96x96-training"
+SMALLNORB_TEST_STEM = "smallnorb-5x01235x9x18x6x2x96x96-testing"
+
+
+def _smallnorb_sources() -> tuple[SourceFile, ...]:
+    files = []
+    for split, stem in (("train", SMALLNORB_TRAIN_STEM), ("test", SMALLNORB_TEST_STEM)):
+        for part in ("dat", "cat", "info"):
+            files.append(SourceFile(f"{split}_{part}", f"{stem}-{part}.mat.gz", SMALLNORB_MIRRORS))
+    return tuple(files)
+
+
+def _idx_sources(mirrors: tuple[str, ...]) -> tuple[SourceFile, ...]:
+    return (
+        SourceFile("train_images", "train-images-idx3-ubyte.gz", mirrors),
+        SourceFile("train_labels", "train-labels-idx1-ubyte.gz", mirrors),
+        SourceFile("test_images", "t10k-images-idx3-ubyte.gz", mirrors),
+        SourceFile("test_labels", "t10k-labels-idx1-ubyte.gz", mirrors),
+    )
+
+
+_SOURCES: dict[str, tuple[SourceFile, ...]] = {
+    "smallnorb": _smallnorb_sources(),
+    "mnist": _idx_sources(MNIST_MIRRORS),
+    "fashion-mnist": _idx_sources(FASHION_MNIST_MIRRORS),
+}
+
+
+def source_files(name: str) -> tuple[SourceFile, ...]:
+    """The raw files of dataset ``name``."""
+    return _SOURCES[check_dataset_name(name)]
+
+
+def dataset_dir(name: str, root: Path) -> Path:
+    """``ROOT/<dataset>``: everything matcaps writes for this dataset lives below it."""
+    return Path(root) / check_dataset_name(name)
+
+
+def raw_dir(name: str, root: Path) -> Path:
+    """``ROOT/<dataset>/raw``: where downloads are written."""
+    return dataset_dir(name, root) / "raw"
+
+
+def search_dirs(name: str, root: Path) -> tuple[Path, ...]:
+    """Directories searched for raw files, most specific first (see the module docstring)."""
+    dirs = (raw_dir(name, root), dataset_dir(name, root))
+    return dirs + (Path(root),) if name == "smallnorb" else dirs
+
+
+def find_source(name: str, root: Path, source: SourceFile) -> Path | None:
+    """The existing raw file for ``source`` (``.gz`` or decompressed), or None."""
+    for directory in search_dirs(name, root):
+        for candidate in (source.filename, source.plain_name):
+            path = directory / candidate
+            if path.is_file():
+                return path
+    return None
