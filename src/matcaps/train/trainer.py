@@ -192,6 +192,7 @@ class Trainer:
         if not config.compile:
             for name, layer in self.model.capsule_layers().items():
                 layer.register_forward_hook(self._make_capture_hook(name))
+        self._window = _Window()
         self.last_val: EvaluationCounts | None = None
         self.last_train_loss: float | None = None
 
@@ -400,12 +401,9 @@ class Trainer:
 
                 bar = tqdm(total=self.steps_per_epoch, initial=self.state.batch_in_epoch, desc=f"epoch {epoch}",
                            dynamic_ncols=True, leave=False)  # fmt: skip
-            window = _Window()
+            self._window = _Window()
             for images, labels in loader:
-                self._run_batch(images, labels, window, bar)
-                if self.state.step % config.log_every == 0:
-                    self._log_train(window)
-                    window = _Window()
+                self._run_batch(images, labels, bar)
                 if self.state.step >= self.total_steps:
                     break
             if bar is not None:
@@ -421,9 +419,10 @@ class Trainer:
             self.validate()  # the run stopped mid-epoch (--max-steps)
         self.save_checkpoint()
 
-    def _run_batch(self, images: Tensor, labels: Tensor, window: _Window, bar: Any) -> None:
-        """Train on one batch and do the per-step bookkeeping (histograms, checkpoint, hook)."""
+    def _run_batch(self, images: Tensor, labels: Tensor, bar: Any) -> None:
+        """Train on one batch; then log, write histograms and checkpoint as due, and call the hook."""
         config = self.config
+        window = self._window
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True).long().view(-1)
         self._capture = config.histogram_every > 0 and (self.state.step + 1) % config.histogram_every == 0
@@ -436,6 +435,9 @@ class Trainer:
             window.loss_sum += float(loss) * labels.numel()
             window.correct += int(correct)
             window.count += labels.numel()
+        if step % config.log_every == 0:
+            self._log_train(window)
+            self._window = _Window()
         if config.histogram_every and step % config.histogram_every == 0:
             self._log_histograms()
         if bar is not None:

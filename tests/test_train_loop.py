@@ -1,0 +1,144 @@
+"""The training loop: learning-rate and margin schedules, exact resumption, non-finite steps, files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from test_train_support import TinyImages, state_dicts_equal, tiny_config, tiny_model_config
+
+from matcaps.train import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, load_checkpoint, read_metrics, train_run
+
+
+class Crash(Exception):
+    """Raised by a step hook to simulate a run killed after some step."""
+
+
+def crash_at(step: int):
+    def hook(trainer: Trainer) -> None:
+        if trainer.state.step == step:
+            raise Crash(step)
+
+    return hook
+
+
+def test_learning_rate_decays_continuously_and_margin_follows_the_schedule():
+    config = tiny_config(max_steps=5, lr_decay_steps=3, val_every=0)
+    trainer = Trainer(config, tiny_model_config(config), TinyImages(40))
+    lrs, margins = [], []
+    trainer.step_hook = lambda t: (lrs.append(t.optimizer.param_groups[0]["lr"]), margins.append(t.margin()))
+    trainer.fit()
+    assert lrs == pytest.approx([3e-3 * 0.96 ** (k / 3) for k in range(1, 6)], rel=1e-12)
+    assert margins == pytest.approx([0.2 + 0.79 / (1 + math.exp(-(k / 50_000 - 4))) for k in range(1, 6)])
+
+
+@pytest.mark.parametrize(
+    ("checkpoint_every", "crash_step", "resumed_from"),
+    [
+        (4, 5, 4),  # killed on an epoch's last batch, before validation: resumes mid-epoch
+        (4, 7, 5),  # resumes from the end-of-epoch checkpoint
+        (4, 8, 8),  # killed right after a checkpoint
+        (4, 11, 10),  # resumes at the start of an epoch
+        (5, 5, 5),  # the checkpoint holds a finished epoch not yet validated
+    ],
+)
+def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path, checkpoint_every, crash_step, resumed_from):
+    # 40 images, batch 8: 5 steps per epoch; 3 epochs = 15 steps; last.pt every few steps and per epoch.
+    config = tiny_config(epochs=3, checkpoint_every=checkpoint_every, weight_decay=1e-3)
+    model_config = tiny_model_config(config)
+    train_set, val_set = TinyImages(40), TinyImages(16, seed=1, augment=False)
+    train_run(config, model_config, train_set, val_set, tmp_path / "whole")
+
+    with pytest.raises(Crash):
+        train_run(config, model_config, TinyImages(40), val_set, tmp_path / "killed", step_hook=crash_at(crash_step))
+    interrupted = load_checkpoint(tmp_path / "killed" / LAST_CHECKPOINT)
+    assert interrupted["state"]["step"] == resumed_from
+    torch.manual_seed(12345)  # the global RNG state must come from the checkpoint, not from here
+    train_run(config, model_config, TinyImages(40), val_set, tmp_path / "killed", resume=True)
+
+    whole = load_checkpoint(tmp_path / "whole" / LAST_CHECKPOINT)
+    resumed = load_checkpoint(tmp_path / "killed" / LAST_CHECKPOINT)
+    assert whole["state"]["step"] == resumed["state"]["step"] == 15
+    assert state_dicts_equal(whole["model"], resumed["model"])
+    for a, b in zip(whole["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    assert whole["state"]["best_val_accuracy"] == resumed["state"]["best_val_accuracy"]
+    # The logged training losses agree too, once the first window after the resumption is complete.
+    losses = lambda run: {r["step"]: r["loss"] for r in read_metrics(tmp_path / run) if r["phase"] == "train"}
+    whole_losses, killed_losses = losses("whole"), losses("killed")
+    assert whole_losses.keys() == killed_losses.keys()
+    assert all(whole_losses[s] == killed_losses[s] for s in whole_losses if s > resumed_from + 2)
+
+
+def test_a_different_seed_gives_different_weights(tmp_path):
+    config = tiny_config(epochs=1, val_every=0)
+    first = Trainer(config, tiny_model_config(config), TinyImages(40))
+    second = Trainer(config.replace(seed=1), tiny_model_config(config), TinyImages(40))
+    first.fit(), second.fit()
+    assert not state_dicts_equal(first.model.state_dict(), second.model.state_dict())
+
+
+def test_a_step_with_a_nan_is_skipped_and_counted(tmp_path):
+    train_set = TinyImages(40, augment=False)
+    poisoned = 13
+    train_set.images[poisoned] = float("nan")
+    config = tiny_config(epochs=1, log_every=1, checkpoint_every=0)
+    trainer = Trainer(config, tiny_model_config(config), train_set, TinyImages(16, seed=1), run_dir=tmp_path)
+    snapshots = [{k: v.clone() for k, v in trainer.model.state_dict().items()}]
+    trainer.step_hook = lambda t: snapshots.append({k: v.clone() for k, v in t.model.state_dict().items()})
+    result = trainer.fit()
+
+    assert result.skipped_steps == 1
+    skipped = [i for i, batch in enumerate(trainer.sampler) if poisoned in batch]
+    assert len(skipped) == 1
+    before, after = snapshots[skipped[0]], snapshots[skipped[0] + 1]
+    assert state_dicts_equal(before, after)  # weights and normalisation statistics untouched
+    assert all(torch.isfinite(v.float()).all() for v in after.values())
+    assert all(not state_dicts_equal(snapshots[i], snapshots[i + 1]) for i in range(5) if i != skipped[0])
+    records = [r for r in read_metrics(tmp_path) if r["phase"] == "train"]
+    assert [r["skipped_steps"] for r in records] == [0.0] * skipped[0] + [1.0] * (5 - skipped[0])
+    assert all(r["loss"] is not None and math.isfinite(r["loss"]) for r in records if r["step"] != skipped[0] + 1)
+
+
+def test_run_directory_holds_config_checkpoints_metrics_and_tensorboard(tmp_path):
+    config = tiny_config(epochs=2, histogram_every=2)
+    result = train_run(config, tiny_model_config(config), TinyImages(40), TinyImages(16, seed=1), tmp_path / "run")
+    run = tmp_path / "run"
+    assert {"config.toml", "run.json", LAST_CHECKPOINT, BEST_CHECKPOINT, "metrics.jsonl"} <= {p.name for p in run.iterdir()}
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
+    records = read_metrics(run)
+    train = [r for r in records if r["phase"] == "train"]
+    val = [r for r in records if r["phase"] == "val"]
+    assert [r["step"] for r in train] == [2, 4, 6, 8, 10]
+    assert {"loss", "accuracy", "lr", "margin", "images_per_s", "step_time_s", "peak_memory_mib"} <= set(train[0])
+    assert [r["step"] for r in val] == [5, 10] and all(0 <= r["accuracy"] <= 1 for r in val)
+    best = load_checkpoint(run / BEST_CHECKPOINT)
+    assert best["state"]["best_val_accuracy"] == max(r["accuracy"] for r in val) == result.best_val_accuracy
+    info = json.loads((run / "run.json").read_text())
+    assert info["model_config"]["conv1_channels"] == 8 and info["world_size"] == 1
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"histograms": 0}).Reload()
+    assert {"train/loss", "train/accuracy", "train/lr", "train/margin", "val/accuracy"} <= set(events.Tags()["scalars"])
+    histograms = set(events.Tags()["histograms"])
+    assert {"activations/class_caps", "activations/primary_caps", "beta/class_caps.beta_a"} <= histograms
+
+
+def test_max_steps_stops_mid_epoch_and_validates(tmp_path):
+    config = tiny_config(epochs=5, max_steps=7)
+    result = train_run(config, tiny_model_config(config), TinyImages(40), TinyImages(16, seed=1), tmp_path / "run")
+    last = load_checkpoint(tmp_path / "run" / LAST_CHECKPOINT)
+    assert result.step == 7 and last["state"]["epoch"] == 1 and last["state"]["batch_in_epoch"] == 2
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if r["phase"] == "val"] == [5, 7]
+
+
+def test_bf16_on_cpu_is_rejected_with_a_clear_error():
+    from matcaps.errors import ConfigError
+
+    config = tiny_config(precision="bf16")
+    with pytest.raises(ConfigError, match="bf16 needs a CUDA device"):
+        Trainer(config, tiny_model_config(config), TinyImages(40))

@@ -1,0 +1,65 @@
+"""Shared helpers of the training tests: a tiny network and tiny in-memory datasets (no tests here)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from matcaps.models import CapsNetConfig
+from matcaps.train import TrainConfig
+from matcaps.train.config import resolve_model_config
+
+#: A CapsNet small enough to train a few steps in milliseconds on CPU.
+TINY_MODEL_OPTIONS: dict[str, Any] = {"conv1_channels": 8, "primary_types": 2, "conv_caps1_types": 2, "conv_caps2_types": 2}
+#: Side of the tiny images (conv1 → 8×8, ConvCaps1 → 3×3, ConvCaps2 → 1×1).
+TINY_IMAGE_SIZE = 16
+NUM_CLASSES = 5
+
+
+class TinyImages(Dataset):
+    """Random ``(1, S, S)`` images whose class shifts their mean; with ``set_epoch`` like the real data.
+
+    The "augmentation" adds noise that is a deterministic function of ``(epoch, index)``,
+    so a resumed run only reproduces the uninterrupted one if it calls ``set_epoch``.
+    """
+
+    def __init__(self, count: int, seed: int = 0, size: int = TINY_IMAGE_SIZE, augment: bool = True) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.labels = torch.randint(0, NUM_CLASSES, (count,), generator=generator)
+        self.images = torch.randn(count, 1, size, size, generator=generator) + self.labels.view(-1, 1, 1, 1).float()
+        self.augment = augment
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image = self.images[index]
+        if self.augment:
+            noise = torch.Generator().manual_seed(1000 * self.epoch + index)
+            image = image + 0.1 * torch.randn(image.shape, generator=noise)
+        return image, self.labels[index]
+
+
+def tiny_config(**changes: Any) -> TrainConfig:
+    """A fast configuration: batch 8, no workers, no progress bars, frequent logging."""
+    values: dict[str, Any] = dict(
+        epochs=2, batch_size=8, workers=0, progress=False, log_every=2, histogram_every=3,
+        checkpoint_every=4, val_batch_size=16, device="cpu", model_options=dict(TINY_MODEL_OPTIONS),
+    )  # fmt: skip
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def tiny_model_config(config: TrainConfig, size: int = TINY_IMAGE_SIZE) -> CapsNetConfig:
+    return resolve_model_config(config, NUM_CLASSES, size, 1)
+
+
+def state_dicts_equal(first: dict[str, Tensor], second: dict[str, Tensor]) -> bool:
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
