@@ -1,0 +1,172 @@
+"""What a benchmark run measures: one explicit, validated configuration object.
+
+:class:`BenchConfig` gathers every option of ``matcaps bench``; it is checked once, when
+it is built, so that a bad option is reported as one line naming the option (a
+:class:`~matcaps.errors.ConfigError`) before any process is started.  It round-trips
+through a plain dict (:meth:`BenchConfig.to_dict` / :meth:`BenchConfig.from_dict`) because
+the parent process hands it to a fresh worker process per implementation as JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from matcaps.errors import ConfigError
+from matcaps.models import PRESETS, CapsNetConfig, preset
+from matcaps.routing import ROUTING_IMPLEMENTATIONS
+
+#: Routing iterations the bench accepts (``--iters``): Hinton et al. use 3, Gritzman 2.
+ITERATION_CHOICES: tuple[int, ...] = (1, 2, 3)
+#: Devices the bench can run on.
+DEVICES: tuple[str, ...] = ("cpu", "cuda")
+#: ``fp32`` runs everything in float32; ``bf16`` runs the model under bfloat16 autocast
+#: (the routing itself always computes in float32, see :mod:`matcaps.routing.em`).
+DTYPES: tuple[str, ...] = ("fp32", "bf16")
+#: ``default`` leaves the C allocator alone; ``tuned`` applies the glibc settings of
+#: :mod:`matcaps.bench.allocator` at the start of each worker process.
+ALLOCATORS: tuple[str, ...] = ("default", "tuned")
+#: Default number of timed steps, warm-up steps and profiler table rows.
+DEFAULT_STEPS = 5
+DEFAULT_WARMUP = 2
+DEFAULT_PROFILE_ROWS = 20
+#: Seed of the random weights, images and labels (the same for every implementation).
+DEFAULT_SEED = 0
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Every option of one benchmark run.
+
+    Attributes:
+        model: Name of a model preset (``smallnorb``, ``hinton-large``, ``mnist``).
+        model_options: Changes to the preset's top-level :class:`CapsNetConfig` fields
+            (``--set KEY=VALUE``), e.g. a smaller network for quick checks.
+        batch_size: Images per step ``N``.
+        iterations: EM-routing iterations (1 to 3).
+        device: ``cpu`` or ``cuda``.
+        dtype: ``fp32`` or ``bf16`` (autocast).
+        threads: Intra-op threads of each worker (``torch.set_num_threads``); None keeps
+            PyTorch's default (one per core).
+        implementations: Routing implementations to measure, each in its own process.
+        warmup: Untimed steps before the timed ones (per phase).
+        steps: Timed steps per phase (train and inference).
+        compile: Wrap the model in ``torch.compile``.
+        allocator: ``default`` or ``tuned`` (see :mod:`matcaps.bench.allocator`).
+        json_path: Where to write the JSON report, or None.
+        profile: Print a ``torch.profiler`` breakdown of one train and one inference step.
+        profile_rows: Rows of the profiler's operator table.
+        trace_path: Chrome trace of the profiled train step (``-<impl>`` is inserted before
+            the extension when several implementations are measured), or None.
+        seed: Seed of the weights and the random input.
+        verify: Before timing, check on a small batch that every implementation gives the
+            same outputs and gradients (only when several are measured).
+    """
+
+    model: str = "smallnorb"
+    model_options: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 32
+    iterations: int = 2
+    device: str = "cpu"
+    dtype: str = "fp32"
+    threads: int | None = None
+    implementations: tuple[str, ...] = ("fused",)
+    warmup: int = DEFAULT_WARMUP
+    steps: int = DEFAULT_STEPS
+    compile: bool = False
+    allocator: str = "default"
+    json_path: str | None = None
+    profile: bool = False
+    profile_rows: int = DEFAULT_PROFILE_ROWS
+    trace_path: str | None = None
+    seed: int = DEFAULT_SEED
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "implementations", tuple(self.implementations))
+        object.__setattr__(self, "model_options", dict(self.model_options))
+        if self.model not in PRESETS:
+            raise ConfigError(f"--model: unknown model {self.model!r}; choose one of {', '.join(PRESETS)}")
+        if self.iterations not in ITERATION_CHOICES:
+            raise ConfigError(
+                f"--iters: routing iterations must be one of {', '.join(map(str, ITERATION_CHOICES))}, "
+                f"got {self.iterations!r}"
+            )
+        _check_positive("--batch-size", self.batch_size)
+        _check_positive("--steps", self.steps)
+        _check_positive("--profile-rows", self.profile_rows)
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ConfigError(f"--warmup: must be a non-negative integer, got {self.warmup!r}")
+        if self.threads is not None:
+            _check_positive("--threads", self.threads)
+        for option, value, choices in (
+            ("--device", self.device, DEVICES),
+            ("--dtype", self.dtype, DTYPES),
+            ("--allocator", self.allocator, ALLOCATORS),
+        ):
+            if value not in choices:
+                raise ConfigError(f"{option}: unknown value {value!r}; choose one of {', '.join(choices)}")
+        if not self.implementations:
+            raise ConfigError("--impl: give at least one routing implementation")
+        for name in self.implementations:
+            if name not in ROUTING_IMPLEMENTATIONS:
+                raise ConfigError(
+                    f"--impl: unknown routing implementation {name!r}; choose from {', '.join(ROUTING_IMPLEMENTATIONS)}"
+                )
+        if len(set(self.implementations)) != len(self.implementations):
+            raise ConfigError(f"--impl: an implementation is listed twice: {' '.join(self.implementations)}")
+        self.model_config()  # validates --set against the preset
+
+    def model_config(self, implementation: str | None = None) -> CapsNetConfig:
+        """The network to measure, with the bench's routing iterations and ``implementation``."""
+        routing = {"iterations": self.iterations}
+        if implementation is not None:
+            routing["implementation"] = implementation
+        try:
+            return preset(self.model, **self.model_options, routing=routing)
+        except TypeError as error:  # an unknown field name
+            raise ConfigError(f"--set: {error}") from None
+        except ConfigError as error:
+            raise ConfigError(f"--set: {error}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict."""
+        values = dataclasses.asdict(self)
+        values["implementations"] = list(self.implementations)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "BenchConfig":
+        """Inverse of :meth:`to_dict`."""
+        return cls(**values)
+
+
+def parse_model_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--set`` → ``(key, value)`` typed like the :class:`CapsNetConfig` field.
+
+    Integers and booleans (``true``/``false``/``1``/``0``) are accepted for the integer and
+    boolean fields; ``routing`` cannot be set this way (use ``--iters`` and ``--impl``).
+    """
+    key, separator, raw = text.partition("=")
+    key, raw = key.strip(), raw.strip()
+    fields = {f.name: f for f in dataclasses.fields(CapsNetConfig) if f.name != "routing"}
+    if not separator or not key:
+        raise ConfigError(f"--set: expected KEY=VALUE, got {text!r}")
+    if key not in fields:
+        raise ConfigError(f"--set: unknown model option {key!r}; choose from {', '.join(fields)}")
+    kind = fields[key].type
+    if kind == "bool":
+        lowered = raw.lower()
+        if lowered not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(f"--set {key}: expected true or false, got {raw!r}")
+        return key, lowered in ("true", "1", "yes")
+    try:
+        return key, int(raw)
+    except ValueError:
+        raise ConfigError(f"--set {key}: expected an integer, got {raw!r}") from None
+
+
+def _check_positive(option: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{option}: must be a positive integer, got {value!r}")

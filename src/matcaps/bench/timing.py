@@ -1,0 +1,173 @@
+"""Wall-clock timing of steps, and the share of a step spent in the routed capsule layers.
+
+Step times are measured with ``time.perf_counter`` around each step, with the device
+synchronised before and after (on CUDA), and summarised by :class:`TimingStats`.
+
+The routing share is measured by :class:`RoutedLayerTimer` with module and tensor hooks,
+during a few *extra* steps run after the timed ones (so the timed steps carry no hook at
+all; on CUDA each hook synchronises the device, which would perturb them):
+
+* forward: a forward pre-hook and a forward hook on each routed layer (:class:`ConvCaps`,
+  :class:`ClassCaps`) time the layer's forward pass;
+* backward: the layer's backward starts when the last of its output gradients is complete
+  and ends when the last of its input gradients is (gradient hooks on those tensors); the
+  layers form a chain, so nothing else runs in between.
+
+A routed layer's time is its whole ``forward``: gathering the windows, the votes and the
+EM routing (plus their backward passes).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from matcaps.layers import RoutedCapsules
+
+#: Extra steps (per phase) run with hooks to measure the routing share.
+ROUTING_SHARE_STEPS = 2
+
+
+@dataclass(frozen=True)
+class TimingStats:
+    """Summary of the step times of one phase.
+
+    Attributes:
+        step_ms: Every timed step, in milliseconds.
+        median_ms, min_ms, max_ms: Their median, minimum and maximum.
+        images_per_s: ``batch / median`` step time.
+    """
+
+    step_ms: tuple[float, ...]
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    images_per_s: float
+
+    @classmethod
+    def from_seconds(cls, seconds: Iterable[float], batch_size: int) -> "TimingStats":
+        """Summarise step durations given in seconds."""
+        ms = tuple(1000.0 * s for s in seconds)
+        if not ms:
+            raise ValueError("no step was timed")
+        median = statistics.median(ms)
+        return cls(ms, median, min(ms), max(ms), 1000.0 * batch_size / median)
+
+
+def synchronise(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[], object], count: int, device: torch.device) -> tuple[list[float], object]:
+    """Run ``step`` ``count`` times.
+
+    Returns:
+        The duration of each call in seconds, and what the first call returned.
+    """
+    durations, first = [], None
+    for index in range(count):
+        synchronise(device)
+        start = time.perf_counter()
+        value = step()
+        synchronise(device)
+        durations.append(time.perf_counter() - start)
+        if index == 0:
+            first = value
+    return durations, first
+
+
+class RoutedLayerTimer:
+    """Times the forward and backward passes of every routed capsule layer of ``model`` with hooks.
+
+    Use as a context manager around the steps to attribute; hooks are removed on exit.
+    ``routed_seconds`` then holds the summed time of all routed layers, forward and
+    backward, over those steps.
+
+    Args:
+        model: The network (its :class:`RoutedCapsules` sub-modules are hooked).
+        device: Synchronised in every hook so that times are the device's.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, RoutedCapsules)]
+        self.device = device
+        self.routed_seconds = 0.0
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._calls: dict[int, _LayerCall] = {}
+
+    def __enter__(self) -> "RoutedLayerTimer":
+        for layer in self.layers:
+            self._handles.append(layer.register_forward_pre_hook(self._before_forward))
+            self._handles.append(layer.register_forward_hook(self._after_forward))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _now(self) -> float:
+        synchronise(self.device)
+        return time.perf_counter()
+
+    def _before_forward(self, layer: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        state = _LayerCall(forward_start=self._now())
+        self._calls[id(layer)] = state
+        if torch.is_grad_enabled():
+            differentiable = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
+            state.inputs_pending = len(differentiable)
+            for tensor in differentiable:
+                tensor.register_hook(lambda grad, state=state: self._input_gradient(state))
+
+    def _after_forward(self, layer: nn.Module, inputs: tuple[Tensor, ...], outputs: tuple[Tensor, ...]) -> None:
+        state = self._calls.pop(id(layer))
+        self.routed_seconds += self._now() - state.forward_start
+        if torch.is_grad_enabled():
+            for tensor in outputs:
+                if tensor.requires_grad:
+                    tensor.register_hook(lambda grad, state=state: self._output_gradient(state))
+
+    def _output_gradient(self, state: "_LayerCall") -> None:
+        """An output gradient is complete: the layer's backward can start after the last one."""
+        state.backward_start = self._now()
+
+    def _input_gradient(self, state: "_LayerCall") -> None:
+        """An input gradient is complete: after the last one, the layer's backward is over."""
+        state.inputs_pending -= 1
+        if state.inputs_pending == 0 and state.backward_start is not None:
+            self.routed_seconds += self._now() - state.backward_start
+
+    def reset(self) -> None:
+        """Forget the time accumulated so far."""
+        self.routed_seconds = 0.0
+
+
+@dataclass
+class _LayerCall:
+    """Book-keeping of one call of one routed layer."""
+
+    forward_start: float
+    backward_start: float | None = None
+    inputs_pending: int = 0
+
+
+def routing_share(
+    step: Callable[[], object], model: nn.Module, device: torch.device, count: int = ROUTING_SHARE_STEPS
+) -> tuple[float, float]:
+    """Run ``step`` ``count`` extra times with :class:`RoutedLayerTimer` hooks.
+
+    Returns:
+        ``(share, routed_ms)``: the fraction of the step time spent in routed layers, and
+        their time per step in milliseconds.
+    """
+    with RoutedLayerTimer(model, device) as timer:
+        total = sum(time_steps(step, count, device)[0])
+    share = timer.routed_seconds / total if total > 0 else 0.0
+    return share, 1000.0 * timer.routed_seconds / count

@@ -1,0 +1,138 @@
+"""``matcaps bench``: time training and inference of a capsule network, per routing implementation."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from matcaps.bench.config import (
+    ALLOCATORS,
+    DEFAULT_PROFILE_ROWS,
+    DEFAULT_SEED,
+    DEFAULT_STEPS,
+    DEFAULT_WARMUP,
+    DEVICES,
+    DTYPES,
+    BenchConfig,
+    parse_model_option,
+)
+from matcaps.errors import ConfigError
+from matcaps.models import PRESETS
+from matcaps.routing import ROUTING_IMPLEMENTATIONS
+
+DESCRIPTION = """\
+Time a full training step (forward, spread loss, backward, Adam) and an inference forward
+pass of a capsule network on seeded random data, for one or several routing
+implementations, each measured in its own fresh process.  Prints a table (with the
+speed-up over naive when both are measured) and optionally writes a JSON report.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``bench`` sub-command."""
+    parser = subparsers.add_parser(
+        "bench", help="benchmark training and inference speed and memory", description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``matcaps bench`` (validated by :class:`BenchConfig`, not by argparse)."""
+    parser.add_argument("--model", default="smallnorb", help=f"model preset: {', '.join(PRESETS)} (default smallnorb)")
+    parser.add_argument(
+        "--set", dest="model_options", action="append", default=[], metavar="KEY=VALUE",
+        help="change a field of the preset, e.g. --set conv1_channels=32 (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=32, help="images per step (default 32)")
+    parser.add_argument("--iters", type=int, default=2, help="EM-routing iterations, 1 to 3 (default 2)")
+    parser.add_argument("--device", default="cpu", help=f"{' or '.join(DEVICES)} (default cpu)")
+    parser.add_argument("--dtype", default="fp32", help=f"{' or '.join(DTYPES)}; bf16 = autocast, routing stays fp32")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads per worker (default: PyTorch's)")
+    parser.add_argument(
+        "--impl", nargs="+", default=["fused"], metavar="IMPL",
+        help=f"routing implementation(s) to measure: {' '.join(ROUTING_IMPLEMENTATIONS)} (default fused)",
+    )  # fmt: skip
+    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help=f"untimed steps per phase (default {DEFAULT_WARMUP})")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"timed steps per phase (default {DEFAULT_STEPS})")
+    parser.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    parser.add_argument(
+        "--allocator", default="default",
+        help=f"{' or '.join(ALLOCATORS)}: tuned raises glibc's mmap and trim thresholds at worker start",
+    )  # fmt: skip
+    parser.add_argument("--json", dest="json_path", metavar="PATH", help="write the full report as JSON")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler breakdown of one step per phase")
+    parser.add_argument(
+        "--profile-rows", type=int, default=DEFAULT_PROFILE_ROWS, help=f"rows of the profiler table (default {DEFAULT_PROFILE_ROWS})"
+    )
+    parser.add_argument("--trace", dest="trace_path", metavar="PATH", help="with --profile, write a Chrome trace of the train step")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the weights and random input")
+    parser.add_argument(
+        "--no-verify", dest="verify", action="store_false",
+        help="skip checking that the implementations give the same outputs and gradients",
+    )  # fmt: skip
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """Build and validate the :class:`BenchConfig` of the parsed options."""
+    return BenchConfig(
+        model=args.model,
+        model_options=dict(parse_model_option(text) for text in args.model_options),
+        batch_size=args.batch_size,
+        iterations=args.iters,
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+        implementations=tuple(args.impl),
+        warmup=args.warmup,
+        steps=args.steps,
+        compile=args.compile,
+        allocator=args.allocator,
+        json_path=args.json_path,
+        profile=args.profile or args.trace_path is not None,
+        profile_rows=args.profile_rows,
+        trace_path=args.trace_path,
+        seed=args.seed,
+        verify=args.verify,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark, print the table (and profiles), write the JSON report."""
+    from matcaps.bench.report import format_profiles, format_report, write_json
+    from matcaps.bench.runner import run_bench
+
+    config = config_from_args(args)
+    if config.json_path:
+        check_writable(config.json_path)
+    report = run_bench(config, command=invoked_command())
+    profiles = format_profiles(report)
+    if profiles:
+        print(profiles)
+    print(format_report(report))
+    if config.json_path:
+        write_json(report, config.json_path)
+        print(f"report written to {config.json_path}")
+    return 0
+
+
+def check_writable(path: str) -> None:
+    """Fail before the (long) measurement if the JSON report could not be written."""
+    folder = Path(path).resolve().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"--json {path}: cannot create folder {folder}: {error.strerror or error}") from None
+    if Path(path).is_dir() or not os.access(folder, os.W_OK):
+        raise ConfigError(f"--json {path}: not a writable file path")
+
+
+def invoked_command() -> list[str]:
+    """The command line as typed (``matcaps bench ...`` or ``python -m matcaps.bench ...``)."""
+    program = os.path.basename(sys.argv[0]) if sys.argv else "matcaps"
+    if program == "__main__.py":
+        return ["python", "-m", "matcaps.bench", *sys.argv[1:]]
+    return [program, *sys.argv[1:]]
