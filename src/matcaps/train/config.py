@@ -33,8 +33,9 @@ from matcaps.models import PRESETS, CapsNetConfig, preset
 
 #: Data splits ``matcaps.data`` knows (train/test viewpoints of smallNORB).
 SPLITS: tuple[str, ...] = ("standard", "azimuth", "elevation")
-#: Numeric precisions of the forward pass.
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+#: Numeric precisions: fp32; bf16 autocast (CUDA); fp64 weights and inputs (slow; for checks
+#: that must not depend on float32 rounding, e.g. that data parallelism changes nothing).
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp64")
 #: Highest number of EM iterations accepted (Hinton et al. use 3; more diverges).
 MAX_ROUTING_ITERATIONS = 3
 #: Suffixes of the configuration files that ``load_config_file`` reads.
@@ -102,7 +103,7 @@ class TrainConfig:
     seed: int = _option(0, "int", "random seed (model init, data order, augmentation)", "execution")
     workers: int = _option(2, "int", "data-loader worker processes per training process", "execution")
     device: str = _option("auto", "str", "auto, cpu, cuda or cuda:N", "execution")
-    precision: str = _option("fp32", "str", "fp32, or bf16 autocast (CUDA only)", "execution",
+    precision: str = _option("fp32", "str", "fp32; bf16 autocast (CUDA only); fp64 (numerical checks)", "execution",
                              choices=PRECISIONS)
     compile: bool = _option(False, "bool", "torch.compile the model", "execution")
     # Monitoring.

@@ -75,6 +75,7 @@ def setup_distributed(device_name: str = "auto") -> DistributedContext:
 def teardown_distributed(context: DistributedContext) -> None:
     """Leave the process group joined by :func:`setup_distributed`."""
     if context.distributed and dist.is_initialized():
+        dist.barrier()  # let every process finish (rank 0 writes the last checkpoint) before tearing down
         dist.destroy_process_group()
 
 

@@ -171,7 +171,8 @@ class Trainer:
         self.local_batch = config.batch_size // self.context.world_size
 
         seed_everything(config.seed)  # identical initial weights on every process
-        self.model: CapsNet = build_model(model_config).to(self.device)
+        self.dtype = torch.float64 if config.precision == "fp64" else torch.float32
+        self.model: CapsNet = build_model(model_config).to(self.device, self.dtype)
         if self.context.distributed and isinstance(self.model.input_norm, InputNorm):
             self.model.input_norm.synchronise()  # batch statistics of the global batch
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
@@ -179,7 +180,8 @@ class Trainer:
         self.network: nn.Module = self.model
         if self.context.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.network = DistributedDataParallel(self.model, device_ids=device_ids, broadcast_buffers=False)
+            # Buffers need no broadcast: InputNorm computes the same statistics on every process.
+            self.network = DistributedDataParallel(self.model, device_ids=device_ids)
         if config.compile:
             self.network = torch.compile(self.network)
         self.sampler = EpochBatchSampler(
@@ -277,7 +279,7 @@ class Trainer:
         margin = self.margin()
         with autocast_context(self.device, self.config.precision):
             output = self.network(images)
-        activations = output.activations.float()
+        activations = output.activations.to(torch.promote_types(self.dtype, torch.float32))
         loss = spread_loss(activations, labels, margin)
         total = loss
         if self.config.weight_decay > 0:
@@ -423,7 +425,7 @@ class Trainer:
         """Train on one batch; then log, write histograms and checkpoint as due, and call the hook."""
         config = self.config
         window = self._window
-        images = images.to(self.device, non_blocking=True)
+        images = images.to(self.device, self.dtype, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True).long().view(-1)
         self._capture = config.histogram_every > 0 and (self.state.step + 1) % config.histogram_every == 0
         loss, correct, applied = self.train_step(images, labels)

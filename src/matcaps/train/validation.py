@@ -87,7 +87,7 @@ def evaluate_model(
         device: Where to compute.
         context: Process group to shard over (None: this process scores everything).
         workers: Data-loader workers.
-        precision: ``fp32`` or ``bf16`` (autocast on CUDA).
+        precision: ``bf16`` autocasts on CUDA; inputs take the dtype of the model's parameters.
         progress: Show a tqdm bar.
         description: Label of the bar.
     """
@@ -96,6 +96,7 @@ def evaluate_model(
     model.eval()
     loader = DataLoader(shard(dataset, context), batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda")
+    dtype = next(model.parameters()).dtype
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     batches = loader
@@ -105,10 +106,10 @@ def evaluate_model(
         batches = tqdm(loader, desc=description, leave=False, dynamic_ncols=True)
     try:
         for images, labels in batches:
-            images = images.to(device, non_blocking=True)
+            images = images.to(device, dtype=dtype, non_blocking=True)
             labels = labels.to(device, non_blocking=True).long().view(-1)
             with autocast_context(device, precision):
-                activations = model(images).activations.float()
+                activations = model(images).activations.to(torch.promote_types(dtype, torch.float32))
             predictions = activations.argmax(dim=1)
             confusion += torch.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes)
             loss_sum += spread_loss(activations, labels, margin).double() * labels.numel()
