@@ -88,7 +88,8 @@ class RoutedLayerTimer:
 
     Use as a context manager around the steps to attribute; hooks are removed on exit.
     ``routed_seconds`` then holds the summed time of all routed layers, forward and
-    backward, over those steps.
+    backward, over those steps; ``forward_calls`` and ``backward_calls`` count the layer
+    passes that were timed.
 
     Args:
         model: The network (its :class:`RoutedCapsules` sub-modules are hooked).
@@ -99,6 +100,8 @@ class RoutedLayerTimer:
         self.layers = [m for m in model.modules() if isinstance(m, RoutedCapsules)]
         self.device = device
         self.routed_seconds = 0.0
+        self.forward_calls = 0
+        self.backward_calls = 0
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._calls: dict[int, _LayerCall] = {}
 
@@ -129,6 +132,7 @@ class RoutedLayerTimer:
     def _after_forward(self, layer: nn.Module, inputs: tuple[Tensor, ...], outputs: tuple[Tensor, ...]) -> None:
         state = self._calls.pop(id(layer))
         self.routed_seconds += self._now() - state.forward_start
+        self.forward_calls += 1
         if torch.is_grad_enabled():
             for tensor in outputs:
                 if tensor.requires_grad:
@@ -143,10 +147,12 @@ class RoutedLayerTimer:
         state.inputs_pending -= 1
         if state.inputs_pending == 0 and state.backward_start is not None:
             self.routed_seconds += self._now() - state.backward_start
+            self.backward_calls += 1
 
     def reset(self) -> None:
-        """Forget the time accumulated so far."""
+        """Forget the time and calls accumulated so far."""
         self.routed_seconds = 0.0
+        self.forward_calls = self.backward_calls = 0
 
 
 @dataclass

@@ -1,0 +1,92 @@
+"""``matcaps bench`` end to end (real worker processes, a tiny network) and its option errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from matcaps.bench.report import MACHINE_KEYS, PHASE_KEYS, REPORT_KEYS, RESULT_KEYS
+from matcaps.cli import main
+
+#: A network small enough for a 2-core test run: 16×16 input → 8×8 primary caps, 3×3, 1×1.
+TINY = [
+    "--set", "conv1_channels=8", "--set", "primary_types=2", "--set", "conv_caps1_types=3",
+    "--set", "conv_caps2_types=3", "--set", "image_size=16",
+]  # fmt: skip
+QUICK = ["--batch-size", "2", "--steps", "1", "--warmup", "0"]
+
+
+def test_bench_measures_both_implementations_and_writes_the_documented_json(tmp_path, capsys):
+    path = tmp_path / "out" / "bench.json"
+    code = main(["bench", *TINY, *QUICK, "--impl", "fused", "naive", "--threads", "1", "--json", str(path)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "speed-up vs naive" in printed and "verified: outputs and gradients of fused, naive agree" in printed
+
+    report = json.loads(path.read_text())
+    assert set(REPORT_KEYS) <= report.keys()
+    assert report["schema"] == "matcaps-bench/1"
+    assert set(MACHINE_KEYS) <= report["machine"].keys()
+    assert report["machine"]["cores"] >= 1 and report["machine"]["threads"] == 1
+    assert report["machine"]["torch_version"] == torch.__version__ and report["machine"]["cpu_model"]
+    assert report["config"]["batch_size"] == 2 and report["config"]["implementations"] == ["fused", "naive"]
+    assert report["model"]["config"]["conv1_channels"] == 8 and report["model"]["parameters"] > 0
+    assert list(report["results"]) == ["fused", "naive"]
+    for name, result in report["results"].items():
+        assert set(RESULT_KEYS) <= result.keys(), name
+        assert result["implementation"] == name and result["threads"] == 1
+        assert result["allocator"]["name"] == "default" and not result["allocator"]["applied"]
+        for phase in ("train", "inference"):
+            measured = result[phase]
+            assert set(PHASE_KEYS) <= measured.keys(), (name, phase)
+            assert len(measured["step_ms"]) == 1
+            for key in ("median_ms", "min_ms", "max_ms", "images_per_s", "peak_memory_bytes", "routed_ms"):
+                assert measured[key] > 0, (name, phase, key)
+            assert measured["min_ms"] <= measured["median_ms"] <= measured["max_ms"]
+            assert 0 < measured["routing_share"] < 1
+            assert measured["images_per_s"] == pytest.approx(2000 / measured["median_ms"])
+    # The same weights and data were timed: same first loss, verified gradients, ratios to naive.
+    assert report["losses_agree"] is True
+    assert report["verification"]["max_relative_difference"]["naive"] < 1e-3
+    assert report["ratios"]["naive"]["train_speedup"] == 1.0
+    assert report["ratios"]["fused"]["inference_speedup"] > 0
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (["--iters", "4"], "--iters"),
+        (["--model", "cifar"], "--model: unknown model 'cifar'"),
+        (["--impl", "fast"], "--impl: unknown routing implementation 'fast'"),
+        (["--set", "conv1_channels=many"], "--set conv1_channels"),
+        (["--set", "wings=2"], "--set: unknown model option 'wings'"),
+        (["--steps", "0"], "--steps"),
+        (["--dtype", "fp16"], "--dtype"),
+        (["--allocator", "jemalloc"], "--allocator"),
+    ],
+)
+def test_bad_options_are_one_line_and_exit_2(options, message, capsys):
+    assert main(["bench", *options]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("matcaps bench: error: ") and message in error
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_when_unavailable_is_one_line_and_exit_2(capsys):
+    assert main(["bench", *TINY, *QUICK, "--device", "cuda"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "--device cuda: CUDA is not available" in error
+
+
+def test_python_m_matcaps_bench_reports_bad_options_as_one_line():
+    completed = subprocess.run(
+        [sys.executable, "-m", "matcaps.bench", "--iters", "4"], capture_output=True, text=True, timeout=60
+    )
+    assert completed.returncode == 2
+    assert completed.stderr.strip().splitlines() == [
+        "matcaps bench: error: --iters: routing iterations must be one of 1, 2, 3, got 4"
+    ]
