@@ -176,6 +176,16 @@ def test_inconsistent_raw_files_name_the_file(tmp_path: Path) -> None:
         prepare("smallnorb", tmp_path, download=False, progress=False)
 
 
+def test_truncated_norb_image_file_fails_prepare(tmp_path: Path) -> None:
+    raw = write_tiny_smallnorb(tmp_path, instances_per_split=1, compress=False)
+    dat = raw / f"{SMALLNORB_TEST_STEM}-dat.mat"
+    dat.write_bytes(dat.read_bytes()[:-96])
+    with pytest.raises(DataFormatError, match=rf"{dat.name}.*truncated.*expected {80 * 96 * 96} bytes"):
+        prepare("smallnorb", tmp_path, download=False, progress=False)
+    assert not is_valid_cache("smallnorb", tmp_path)
+    assert sorted(p.name for p in (tmp_path / "smallnorb").iterdir()) == ["raw"]
+
+
 def test_truncated_raw_image_file_fails_prepare(tmp_path: Path) -> None:
     raw = write_tiny_mnist(tmp_path, compress=False)
     images = raw / "t10k-images-idx3-ubyte"

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from matcaps.errors import DataFormatError, DatasetNotFoundError, DownloadError
 from matcaps.data.download import download_file
 from matcaps.data.idx_format import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, read_idx
-from matcaps.data.norb_format import read_norb, read_norb_header, stream_norb_into
+from matcaps.data.norb_format import read_norb, read_norb_header, stream_norb_data
 from matcaps.data.sources import (
     SourceFile,
     check_dataset_name,
@@ -249,12 +249,16 @@ def _prepare_norb_split(split: str, sources: dict[str, Path], out: Path, bar: tq
         _check_codes(info, field, table[:, column], NORB_INFO_CODES[field])
 
     count = pairs * NORB_STEREO
-    images = np.lib.format.open_memmap(out / split_file(split, "images"), mode="w+", dtype=np.uint8,
-                                       shape=(count, height, width))
-    stream_norb_into(dat, images, expected_dtype=np.uint8, on_bytes=bar.update)
-    images.flush()
-    del images
-    _fsync_file(out / split_file(split, "images"))
+    images_path = out / split_file(split, "images")
+    with open(images_path, "wb") as handle:
+        # a .npy header, then the pixels streamed straight from the (gzipped) NORB file:
+        # left/right images of a pair are consecutive in both, so no reordering is needed
+        np.lib.format.write_array_header_1_0(
+            handle, {"descr": np.dtype(np.uint8).str, "fortran_order": False, "shape": (count, height, width)}
+        )
+        stream_norb_data(dat, handle.write, expected_dtype=np.uint8, expected_count=header.count, on_bytes=bar.update)
+        handle.flush()
+        os.fsync(handle.fileno())
     save_array(out / split_file(split, "labels"), np.repeat(labels.astype(np.int64), NORB_STEREO))
     save_array(out / split_file(split, "info"), np.repeat(table.astype(np.int16), NORB_STEREO, axis=0))
     return {

@@ -121,21 +121,23 @@ def read_norb(path: Path | str) -> np.ndarray:
     return np.frombuffer(raw, dtype=header.dtype).reshape(header.shape).astype(header.dtype.newbyteorder("="))
 
 
-def stream_norb_into(
+def stream_norb_data(
     path: Path | str,
-    out: np.ndarray,
+    write: Callable[[bytes], object],
     expected_dtype: np.dtype | None = None,
+    expected_count: int | None = None,
     on_bytes: Callable[[int], None] | None = None,
 ) -> NorbHeader:
-    """Copy the data of a NORB matrix file into the pre-allocated ``out`` chunk by chunk.
+    """Pass the data of a NORB matrix file to ``write`` chunk by chunk (raw little-endian bytes).
 
     Used for the 450 MB image files so that neither the compressed nor the decompressed
-    file is ever held in memory at once; ``out`` is typically a ``.npy`` memmap.
+    file is ever held in memory at once.
 
     Args:
         path: the NORB file.
-        out: a C-contiguous array with exactly as many elements as the file and its dtype.
+        write: receives consecutive chunks of at most :data:`CHUNK_BYTES` bytes.
         expected_dtype: if given, the file's dtype must be this one.
+        expected_count: if given, the file must hold exactly this many elements.
         on_bytes: called with the number of bytes copied after each chunk (progress).
 
     Returns:
@@ -144,14 +146,13 @@ def stream_norb_into(
     path = Path(path)
     with open_maybe_gzip(path) as handle:
         header = _read_header(handle, path)
-        if expected_dtype is not None and header.dtype != np.dtype(expected_dtype):
+        if expected_dtype is not None and header.dtype != np.dtype(expected_dtype).newbyteorder("<"):
             raise DataFormatError(f"{path}: expected {np.dtype(expected_dtype)} elements, the header says {header.dtype}")
-        if out.size != header.count or out.dtype.itemsize != header.dtype.itemsize:
+        if expected_count is not None and header.count != expected_count:
             raise DataFormatError(
-                f"{path}: expected {out.size} elements of {out.dtype}, the header announces "
-                f"{header.count} of {header.dtype} (shape {list(header.shape)})"
+                f"{path}: expected {expected_count} elements, the header announces {header.count} "
+                f"(shape {list(header.shape)})"
             )
-        flat = out.reshape(-1).view(np.uint8)
         done = 0
         while done < header.data_bytes:
             step = min(CHUNK_BYTES, header.data_bytes - done)
@@ -164,12 +165,40 @@ def stream_norb_into(
                     f"{path}: truncated NORB data: expected {header.data_bytes} bytes after the "
                     f"{header.header_bytes}-byte header, found only {done + len(chunk)}"
                 )
-            flat[done : done + step] = np.frombuffer(chunk, dtype=np.uint8)
+            write(chunk)
             done += step
             if on_bytes is not None:
                 on_bytes(step)
         check_at_end(handle, path, header.header_bytes + header.data_bytes)
     return header
+
+
+def stream_norb_into(
+    path: Path | str,
+    out: np.ndarray,
+    expected_dtype: np.dtype | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> NorbHeader:
+    """Copy the data of a NORB matrix file into the pre-allocated C-contiguous ``out``.
+
+    ``out`` must have exactly as many elements as the file, of the file's dtype.
+    """
+    path = Path(path)
+    header = read_norb_header(path)
+    if out.size != header.count or out.dtype.itemsize != header.dtype.itemsize:
+        raise DataFormatError(
+            f"{path}: expected {out.size} elements of {out.dtype}, the header announces "
+            f"{header.count} of {header.dtype} (shape {list(header.shape)})"
+        )
+    flat = out.reshape(-1).view(np.uint8)
+    position = 0
+
+    def write(chunk: bytes) -> None:
+        nonlocal position
+        flat[position : position + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+        position += len(chunk)
+
+    return stream_norb_data(path, write, expected_dtype=expected_dtype, expected_count=out.size, on_bytes=on_bytes)
 
 
 def encode_norb(array: np.ndarray) -> bytes:
