@@ -75,5 +75,5 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
     assert [r["accuracy"] for r in train(parallel)] == [r["accuracy"] for r in train(single)]
     val = lambda run, key: [r[key] for r in read_metrics(run) if r["phase"] == "val"]
     assert val(parallel, "accuracy") == val(single, "accuracy") and len(val(single, "accuracy")) == 2
-    assert val(parallel, "loss") == pytest.approx(val(single, "loss"), rel=1e-6)
+    assert val(parallel, "loss") == pytest.approx(val(single, "loss"), rel=1e-5)
     assert not (parallel / "metrics.jsonl").read_text().count('"step": 1,') > 1  # rank 1 wrote nothing
