@@ -154,3 +154,11 @@ def test_failed_download_explains_manual_placement(server, tmp_path: Path, monke
     message = str(error.value)
     assert "dead/nothing.gz: HTTP 404" in message
     assert str(tmp_path / "mnist" / "raw") in message and "--no-download" in message
+
+
+def test_progress_bar_reports_resumed_download(server, tmp_path: Path, capsys) -> None:
+    dest = tmp_path / "f.bin"
+    part_path(dest).write_bytes(PAYLOAD[:50000])
+    download_file(server.base + "f.bin", dest, progress=True)
+    assert dest.read_bytes() == PAYLOAD
+    assert "f.bin" in capsys.readouterr().err  # tqdm writes its bar to stderr

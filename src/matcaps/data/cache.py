@@ -28,7 +28,6 @@ import itertools
 import json
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -405,6 +404,9 @@ def prepare(
     try:
         build_cache(name, sources, tmp, progress)
         _swap_into_place(tmp, cache)
+    except DataFormatError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataFormatError(f"{error} (replace or delete the damaged file and rerun to download it again)") from error
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
