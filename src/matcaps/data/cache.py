@@ -19,7 +19,10 @@ fsynced, the manifest written last, and the directory renamed to ``prepared`` as
 final step.  A cache is valid only with a readable manifest of the current
 :data:`CACHE_FORMAT_VERSION` whose arrays exist with the announced shapes, so a prepare
 that is killed midway never leaves something that later looks valid; the next prepare
-removes its leftovers and rebuilds.
+removes its leftovers and rebuilds.  With several processes (DDP), prepare on one rank
+and make the others wait (a barrier) before :func:`~matcaps.data.load_splits`: concurrent
+prepares each build their own temporary directory and the last rename wins, which is
+safe but wasteful.
 """
 
 from __future__ import annotations
