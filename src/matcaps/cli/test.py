@@ -1,0 +1,47 @@
+"""``matcaps test RUN_DIR|CHECKPOINT``: accuracy on the whole test set, per class, with a confusion matrix."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``test`` sub-command."""
+    parser = subparsers.add_parser(
+        "test",
+        help="evaluate a trained run on the whole test set",
+        description=(
+            "Score a checkpoint on the whole test set: accuracy, per-class accuracy and confusion matrix "
+            "are printed, and written next to the checkpoint as test-SPLIT-CHECKPOINT.json and "
+            "confusion-SPLIT-CHECKPOINT.png."
+        ),
+    )
+    parser.add_argument("target", type=Path, metavar="RUN_DIR|CHECKPOINT", help="run directory or checkpoint file")
+    parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                        help="which checkpoint of a run directory (default: best, by validation accuracy)")
+    parser.add_argument("--split", choices=("standard", "azimuth", "elevation"),
+                        help="test set: standard, or the novel viewpoints of smallNORB (default: the training split)")
+    parser.add_argument("--data-root", type=Path, help="prepared data directory (default: the run's)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--workers", type=int, default=2, help="data-loader workers (default: 2)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.set_defaults(func=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Evaluate, print and save the report; returns 0."""
+    from matcaps.errors import ConfigError
+    from matcaps.evaluate import evaluate_checkpoint, format_report, save_report
+
+    if args.batch_size < 1 or args.workers < 0:
+        raise ConfigError("--batch-size must be at least 1 and --workers not negative")
+    report = evaluate_checkpoint(
+        args.target, which=args.checkpoint, split=args.split, data_root=args.data_root, batch_size=args.batch_size,
+        device=args.device, workers=args.workers, progress=args.progress,
+    )  # fmt: skip
+    json_path, png_path = save_report(report)
+    print(format_report(report))
+    print(f"saved {json_path} and {png_path}")
+    return 0

@@ -1,0 +1,186 @@
+"""``matcaps train``: train a capsule network, resume a run, or reproduce one from its config.
+
+Every field of :class:`matcaps.train.TrainConfig` is a flag (``batch_size`` → ``--batch-size``);
+flags override ``--config FILE`` (TOML, YAML or JSON), which overrides the defaults (the
+IBM smallNORB recipe).  Under ``torchrun`` each process runs this command; they train one
+model with DistributedDataParallel and only rank 0 writes the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from matcaps.errors import ConfigError
+from matcaps.train.config import FIELDS, TrainConfig, build_config, default_model_name, load_config_file
+
+#: Headings of the option groups in ``--help``.
+GROUP_TITLES = {
+    "data": "data", "model": "model", "optimisation": "optimisation (IBM smallNORB recipe by default)",
+    "execution": "execution", "monitoring": "monitoring and checkpoints",
+}  # fmt: skip
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_field_option(group: argparse._ArgumentGroup, name: str) -> None:
+    metadata = FIELDS[name].metadata
+    kind = metadata["kind"].rstrip("?")
+    default = FIELDS[name].default
+    help_text = metadata["help"] + ("" if default is None else f" (default: {_show(default)})")
+    flags = [_flag(name), *metadata.get("aliases", ())]
+    common: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+    if kind == "bool":
+        group.add_argument(*flags, action=argparse.BooleanOptionalAction, **common)
+    elif kind == "ints":
+        group.add_argument(*flags, nargs="+", type=int, metavar="N", **common)
+    else:
+        converter = {"int": int, "float": float, "str": str}[kind]
+        group.add_argument(*flags, type=converter, choices=metadata.get("choices"),
+                           metavar=name.upper() if not metadata.get("choices") else None, **common)  # fmt: skip
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``train`` sub-command."""
+    parser = subparsers.add_parser(
+        "train",
+        help="train a capsule network (or resume a run)",
+        description=(
+            "Train a matrix-capsule network with EM routing. Defaults follow the IBM smallNORB recipe "
+            "(Adam 3e-3 decayed x0.96 per 20k steps, batch 64, spread loss with Hinton's margin "
+            "schedule, 2 routing iterations). Each run gets a directory with config.toml, checkpoints "
+            "(last.pt, best.pt), metrics.jsonl and TensorBoard events. Under torchrun the processes "
+            "train together (DistributedDataParallel; NCCL on GPU, gloo on CPU)."
+        ),
+    )
+    run = parser.add_argument_group("run")
+    run.add_argument("--config", type=Path, metavar="FILE",
+                     help="read options from a TOML/YAML/JSON file (flags override it); e.g. RUN/config.toml")
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                     help="continue the run in RUN_DIR from its last.pt, exactly where it stopped")
+    run.add_argument("--run-dir", type=Path, help="directory of this run (default: RUNS_ROOT/NAME)")
+    run.add_argument("--runs-root", type=Path, default=Path("runs"), help="parent of run directories (default: runs)")
+    run.add_argument("--name", help="run name (default: DATASET-YYYYmmdd-HHMMSS)")
+    groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
+    for name, f in FIELDS.items():
+        if f.metadata["kind"] != "table":
+            _add_field_option(groups[f.metadata["group"]], name)
+    groups["model"].add_argument(
+        "--model-option", action="append", default=[], metavar="KEY=VALUE",
+        help="change a field of the preset's CapsNetConfig, e.g. conv1_channels=32 or routing.epsilon=1e-9 (repeatable)",
+    )  # fmt: skip
+    parser.set_defaults(func=run_command)
+
+
+def parse_model_options(items: list[str]) -> dict[str, Any]:
+    """``["a=1", "routing.epsilon=1e-9"]`` → ``{"a": 1, "routing": {"epsilon": 1e-9}}`` (values parsed as YAML scalars)."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--model-option expects KEY=VALUE, got {item!r}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"--model-option {key}: cannot parse value {text!r}") from None
+        target = options
+        *parents, leaf = key.strip().split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+    return options
+
+
+def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in changes.items():
+        merged[key] = _merge(merged.get(key, {}), value) if isinstance(value, dict) else value
+    return merged
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < ``--config`` file < flags (or, with ``--resume``, the run's saved configuration)."""
+    from matcaps.train.run import merge_resume_overrides, read_run_config
+
+    overrides = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+    model_options = parse_model_options(args.model_option)
+    if args.resume is not None:
+        if args.config is not None or model_options:
+            raise ConfigError("--resume continues a run with its saved configuration; do not combine it "
+                              "with --config or --model-option")
+        return merge_resume_overrides(read_run_config(args.resume), overrides)
+    file_values = load_config_file(args.config) if args.config is not None else {}
+    if model_options:
+        overrides["model_options"] = _merge(file_values.get("model_options", {}), model_options)
+    return build_config(file_values, overrides)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Train (or resume) as the options say; returns 0."""
+    from matcaps.data import DataConfig, load_splits
+    from matcaps.train.config import resolve_model_config
+    from matcaps.train.distributed import setup_distributed, teardown_distributed
+    from matcaps.train.run import train_run
+
+    config = resolve_config(args)
+    data_config = DataConfig(
+        dataset=config.dataset, root=Path(config.data_root), split=config.split, val_instances=config.val_instances,
+        val_size=config.val_size, validation=config.validation, seed=config.seed,
+    )  # fmt: skip
+    splits = load_splits(data_config)  # fails early (one line) if the data are not prepared
+    info = splits.info
+    model_config = resolve_model_config(config, info.num_classes, info.image_size, info.channels)
+    if args.resume is None:  # record what the defaults resolved to
+        config = config.replace(
+            model=config.model or default_model_name(config.dataset), iters=model_config.routing.iterations,
+            routing_impl=model_config.routing.implementation,
+        )  # fmt: skip
+    context = setup_distributed(config.device)
+    try:
+        run_dir = Path(args.resume) if args.resume is not None else _agree_on_run_dir(args, config, context)
+        result = train_run(
+            config, model_config, splits.train, splits.val, run_dir, resume=args.resume is not None, context=context,
+            extra_info={"dataset_sizes": {"train": len(splits.train), "val": len(splits.val) if splits.val else 0,
+                                          "test": len(splits.test)}},
+        )  # fmt: skip
+    finally:
+        teardown_distributed(context)
+    if context.is_main:
+        best = f", best validation accuracy {result.best_val_accuracy:.4f}" if result.best_val_accuracy is not None else ""
+        print(f"finished at step {result.step} (epoch {result.epoch}){best}, {result.skipped_steps} skipped step(s); "
+              f"run directory {run_dir}")
+        print(f"evaluate with: matcaps test {run_dir}    curves: matcaps plot {run_dir}")
+    return 0
+
+
+def _agree_on_run_dir(args: argparse.Namespace, config: TrainConfig, context) -> Path:
+    """Rank 0 picks (and checks) the run directory; every process gets the same one."""
+    from matcaps.train.run import choose_run_dir
+
+    if not context.distributed:
+        return choose_run_dir(args.run_dir, args.runs_root, args.name, config.dataset)
+    import torch.distributed as dist
+
+    message: list[Any] = [None]
+    if context.is_main:
+        try:
+            message = [str(choose_run_dir(args.run_dir, args.runs_root, args.name, config.dataset))]
+        except ConfigError as error:
+            message = [ConfigError(str(error))]
+    dist.broadcast_object_list(message, src=0)
+    if isinstance(message[0], ConfigError):
+        raise message[0]
+    return Path(message[0])

@@ -1,0 +1,174 @@
+"""Evaluation of a trained network on the whole test set: accuracy, per-class accuracy, confusion matrix.
+
+``matcaps test RUN_DIR`` calls :func:`evaluate_checkpoint`, prints :func:`format_report`
+and writes, next to the checkpoint, ``test-<split>-<checkpoint>.json`` and the confusion
+matrix as ``confusion-<split>-<checkpoint>.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from matcaps.data import DataConfig, load_splits
+from matcaps.errors import CheckpointError
+from matcaps.models import CapsNetConfig, build_model
+from matcaps.train.checkpoint import load_checkpoint, resolve_checkpoint
+from matcaps.train.config import TrainConfig
+from matcaps.train.distributed import resolve_device
+from matcaps.train.validation import evaluate_model
+
+
+@dataclass(frozen=True)
+class TestReport:
+    """The result of scoring one checkpoint on one test set (saved as JSON).
+
+    Attributes:
+        dataset, split: What was scored (``split`` may differ from the training split).
+        checkpoint: Path of the checkpoint file.
+        step, epoch: Training progress stored in the checkpoint.
+        num_images: Images scored (the whole test set).
+        accuracy: Fraction predicted correctly; ``error_rate = 1 − accuracy``.
+        loss: Mean spread loss at the checkpoint's margin.
+        class_names: ``K`` names, index = label.
+        per_class_accuracy: Recall of each class, by name.
+        confusion_matrix: ``K × K`` counts, rows = true class, columns = predicted.
+    """
+
+    dataset: str
+    split: str
+    checkpoint: str
+    step: int
+    epoch: int
+    num_images: int
+    accuracy: float
+    error_rate: float
+    loss: float
+    class_names: list[str]
+    per_class_accuracy: dict[str, float]
+    confusion_matrix: list[list[int]]
+    evaluated: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["per_class_accuracy"] = {k: (None if math.isnan(v) else v) for k, v in self.per_class_accuracy.items()}
+        return values
+
+
+def evaluate_checkpoint(
+    target: str | Path,
+    which: str = "best",
+    split: str | None = None,
+    data_root: str | Path | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+    workers: int = 2,
+    progress: bool = True,
+) -> TestReport:
+    """Score the checkpoint ``target`` (a run directory + ``which``, or a ``.pt`` file) on its test set.
+
+    Args:
+        target: Run directory or checkpoint file.
+        which: ``best`` or ``last`` (for a run directory).
+        split: ``standard``, ``azimuth`` or ``elevation`` (default: the one trained on).
+        data_root: Where the prepared data are (default: the training run's).
+        batch_size: Images per forward pass.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        workers: Data-loader workers.
+        progress: Show a progress bar.
+    """
+    path = resolve_checkpoint(target, which)
+    payload = load_checkpoint(path)
+    try:
+        config = TrainConfig.from_dict(payload["config"], f"checkpoint {path}")
+        model_config = CapsNetConfig.from_dict(payload["model_config"])
+    except KeyError as error:
+        raise CheckpointError(f"checkpoint {path} lacks {error}") from None
+    data_config = DataConfig(
+        dataset=config.dataset, root=Path(data_root if data_root is not None else config.data_root),
+        split=split or config.split, validation=False, seed=config.seed,
+    )  # fmt: skip
+    splits = load_splits(data_config)
+    torch_device = resolve_device(device)
+    model = build_model(model_config)
+    model.load_state_dict(payload["model"])
+    model.to(torch_device)
+    state = payload.get("state", {})
+    step = int(state.get("step", 0))
+    counts = evaluate_model(
+        model, splits.test, model_config.num_classes, batch_size=batch_size, margin=config.margin_schedule()(step),
+        device=torch_device, workers=workers, progress=progress, description=f"test {data_config.split}",
+    )  # fmt: skip
+    names = list(splits.info.class_names)
+    return TestReport(
+        dataset=config.dataset, split=data_config.split, checkpoint=str(path), step=step,
+        epoch=int(state.get("epoch", 0)), num_images=counts.total, accuracy=counts.accuracy,
+        error_rate=1.0 - counts.accuracy, loss=counts.loss, class_names=names,
+        per_class_accuracy=dict(zip(names, counts.per_class_accuracy())),
+        confusion_matrix=counts.confusion.tolist(),
+    )  # fmt: skip
+
+
+def format_report(report: TestReport) -> str:
+    """The report as text: accuracy, per-class accuracy and the confusion matrix."""
+    names = report.class_names
+    width = max(8, *(len(n) for n in names))
+    lines = [
+        f"{report.dataset} {report.split} test set, {report.num_images} images, checkpoint {report.checkpoint} "
+        f"(step {report.step}): accuracy {report.accuracy:.4f} (error {100 * report.error_rate:.2f} %), "
+        f"loss {report.loss:.4f}",
+        "per-class accuracy:",
+        *(f"  {name:<{width}} {value:.4f}" for name, value in report.per_class_accuracy.items()),
+        "confusion matrix (rows: true class, columns: predicted):",
+        " " * (width + 2) + " ".join(f"{name[:width]:>{width}}" for name in names),
+        *(f"  {name:<{width}}" + " ".join(f"{count:>{width}d}" for count in row)
+          for name, row in zip(names, report.confusion_matrix)),
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot_confusion(report: TestReport, path: str | Path) -> Path:
+    """Draw the confusion matrix (row-normalised colours, counts written in the cells) to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = torch.tensor(report.confusion_matrix, dtype=torch.float64)
+    rates = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+    size = max(4.0, 0.7 * len(report.class_names) + 2)
+    figure, axes = plt.subplots(figsize=(size + 1, size))
+    image = axes.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ticks = range(len(report.class_names))
+    axes.set_xticks(ticks, report.class_names, rotation=45, ha="right")
+    axes.set_yticks(ticks, report.class_names)
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+    axes.set_title(f"{report.dataset} {report.split}: accuracy {100 * report.accuracy:.2f} %")
+    for row in ticks:
+        for column in ticks:
+            colour = "white" if rates[row, column] > 0.5 else "black"
+            axes.text(column, row, int(counts[row, column]), ha="center", va="center", color=colour, fontsize=8)
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="fraction of the true class")
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def save_report(report: TestReport, directory: str | Path | None = None) -> tuple[Path, Path]:
+    """Write ``test-<split>-<checkpoint>.json`` and ``confusion-<split>-<checkpoint>.png``; returns both paths."""
+    checkpoint = Path(report.checkpoint)
+    directory = Path(directory) if directory is not None else checkpoint.parent
+    stem = f"{report.split}-{checkpoint.stem}"
+    json_path, png_path = directory / f"test-{stem}.json", directory / f"confusion-{stem}.png"
+    plot_confusion(report, png_path)
+    values = {**report.to_dict(), "confusion_png": str(png_path)}
+    json_path.write_text(json.dumps(values, indent=2) + "\n", encoding="utf-8")
+    return json_path, png_path
