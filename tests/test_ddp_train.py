@@ -15,7 +15,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_train_support import TinyImages, tiny_config, tiny_model_config
+from test_train_support import single_thread, TinyImages, tiny_config, tiny_model_config
 
 from matcaps.train import LAST_CHECKPOINT, load_checkpoint, read_metrics, setup_distributed, teardown_distributed, train_run
 from matcaps.train.sampler import EpochBatchSampler
@@ -25,6 +25,11 @@ WORLD_SIZE = 2
 #: 40 training images, global batch 8: 5 steps per epoch; 2 epochs.
 CONFIG_CHANGES = dict(epochs=2, batch_size=GLOBAL_BATCH, checkpoint_every=0, log_every=1, weight_decay=1e-3,
                       precision="fp64")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(single_thread):
+    """See :func:`test_train_support.single_thread`."""
 
 
 def free_port() -> int:
