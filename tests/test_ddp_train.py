@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_train_support import single_thread, TinyImages, tiny_config, tiny_model_config
+from data_fixtures import write_tiny_smallnorb
+from test_train_support import TINY_MODEL_OPTIONS, single_thread, TinyImages, tiny_config, tiny_model_config
 
+from matcaps.cli import main
+from matcaps.data import prepare
 from matcaps.train import LAST_CHECKPOINT, load_checkpoint, read_metrics, setup_distributed, teardown_distributed, train_run
 from matcaps.train.sampler import EpochBatchSampler
 
@@ -82,3 +87,24 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
     assert val(parallel, "accuracy") == val(single, "accuracy") and len(val(single, "accuracy")) == 2
     assert val(parallel, "loss") == pytest.approx(val(single, "loss"), rel=1e-5)
     assert not (parallel / "metrics.jsonl").read_text().count('"step": 1,') > 1  # rank 1 wrote nothing
+
+
+def test_matcaps_train_under_torchrun_matches_a_single_process(tmp_path):
+    """The real launcher: ``torchrun --standalone --nproc-per-node 2 -m matcaps train`` on the tiny smallNORB."""
+    write_tiny_smallnorb(tmp_path / "data")
+    prepare("smallnorb", tmp_path / "data", download=False, progress=False)
+    options = ["--data-root", str(tmp_path / "data"), "--batch-size", "8", "--max-steps", "6", "--workers", "0",
+               "--no-progress", "--precision", "fp64", "--device", "cpu", "--log-every", "2"]  # fmt: skip
+    options += [item for key, value in TINY_MODEL_OPTIONS.items() for item in ("--model-option", f"{key}={value}")]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "matcaps"]
+    result = subprocess.run([*launcher, "train", *options, "--run-dir", str(tmp_path / "ddp")], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("finished at step 6") == 1  # only rank 0 reports
+    assert main(["train", *options, "--run-dir", str(tmp_path / "single")]) == 0
+
+    parallel, single = load_checkpoint(tmp_path / "ddp" / LAST_CHECKPOINT), load_checkpoint(tmp_path / "single" / LAST_CHECKPOINT)
+    assert parallel["state"]["step"] == single["state"]["step"] == 6
+    for name, value in single["model"].items():
+        torch.testing.assert_close(parallel["model"][name], value, rtol=1e-6, atol=1e-6, msg=name)
+    assert __import__("json").loads((tmp_path / "ddp" / "run.json").read_text())["world_size"] == 2
