@@ -187,3 +187,33 @@ def test_console_script_reports_bad_options_in_a_subprocess(tmp_path):
     result = subprocess.run([*command, "train", "--iters", "4"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 2
     assert result.stderr == "matcaps train: error: option iters must be between 1 and 3, got 4\n"
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(config_file, tmp_path):
+    """A real crash: the training process is SIGKILLed after some checkpoint, then ``--resume`` finishes it."""
+    import os
+    import signal
+    import time
+
+    steps = 40
+    options = ["--config", str(config_file), "--checkpoint-every", "1", "--max-steps", str(steps), "--epochs", "9"]
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "matcaps", "train", *options, "--run-dir", str(killed)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            if (killed / "last.pt").exists() and load_checkpoint(killed / "last.pt")["state"]["step"] >= 3:
+                break
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+    stopped_at = load_checkpoint(killed / "last.pt")["state"]["step"]
+    assert process.returncode == -signal.SIGKILL and 3 <= stopped_at < steps
+    assert main(["train", "--resume", str(killed)]) == 0
+    assert main(["train", *options, "--run-dir", str(tmp_path / "whole")]) == 0
+    whole, resumed = load_checkpoint(tmp_path / "whole" / "last.pt"), load_checkpoint(killed / "last.pt")
+    assert resumed["state"]["step"] == whole["state"]["step"] == steps
+    assert state_dicts_equal(whole["model"], resumed["model"])
