@@ -53,6 +53,7 @@ class MetricsWriter(NullWriter):
 
     def __init__(self, run_dir: str | Path, tensorboard: bool = True) -> None:
         self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
         self._tensorboard = None
         if tensorboard:
