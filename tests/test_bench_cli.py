@@ -44,7 +44,7 @@ def test_bench_measures_both_implementations_and_writes_the_documented_json(tmp_
             measured = result[phase]
             assert set(PHASE_KEYS) <= measured.keys(), (name, phase)
             assert len(measured["step_ms"]) == 1
-            for key in ("median_ms", "min_ms", "max_ms", "images_per_s", "peak_memory_bytes", "routed_ms"):
+            for key in ("median_ms", "min_ms", "max_ms", "images_per_s", "cpu_median_ms", "peak_memory_bytes", "routed_ms"):
                 assert measured[key] > 0, (name, phase, key)
             assert measured["min_ms"] <= measured["median_ms"] <= measured["max_ms"]
             assert 0 < measured["routing_share"] < 1

@@ -42,8 +42,9 @@ def test_bench_config_round_trips_and_applies_iterations_and_implementation():
 
 
 def test_timing_stats():
-    stats = TimingStats.from_seconds([0.3, 0.1, 0.2], batch_size=4)
+    stats = TimingStats.from_seconds([0.3, 0.1, 0.2], batch_size=4, cpu_seconds=[0.5, 0.7, 0.6])
     assert (stats.median_ms, stats.min_ms, stats.max_ms) == pytest.approx((200, 100, 300))
+    assert stats.cpu_median_ms == pytest.approx(600)
     assert stats.images_per_s == pytest.approx(20.0)
     with pytest.raises(ValueError):
         TimingStats.from_seconds([], batch_size=1)

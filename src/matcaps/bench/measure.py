@@ -68,9 +68,9 @@ def measure_phase(config: BenchConfig, implementation: str, phase: str, allocato
     for _ in range(config.warmup):
         value = step()
         first_value = value if first_value is None else first_value
-    timed, value = time_steps(step, config.steps, device)
-    first_value = value if first_value is None else first_value
-    stats = TimingStats.from_seconds(timed, config.batch_size)
+    timed = time_steps(step, config.steps, device)
+    first_value = timed.first_value if first_value is None else first_value
+    stats = TimingStats.from_seconds(timed.wall, config.batch_size, timed.cpu)
     peak = probe.peak_bytes()  # before the hooked steps and the profiler, which add book-keeping
     share, routed_ms = (None, None) if config.compile else routing_share(step, workload.network, device)
     trace = trace_path_for(config, implementation) if config.profile and phase == "train" else None

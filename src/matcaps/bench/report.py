@@ -11,7 +11,7 @@ JSON layout (``schema`` ``matcaps-bench/1``)::
                     threads, device_name, torch_version, parameters, first_loss,
                     memory_method, profile,
                     train | inference: {median_ms, min_ms, max_ms, step_ms, images_per_s,
-                                        peak_memory_bytes, routing_share, routed_ms,
+                                        cpu_median_ms, peak_memory_bytes, routing_share, routed_ms,
                                         routing_share_steps, compile_s}}},
     ratios {impl: {train_speedup, inference_speedup, train_memory_ratio,
                    inference_memory_ratio}} or null (needs naive and another),
@@ -66,8 +66,13 @@ def format_report(report: dict[str, Any]) -> str:
         f"machine: {machine['cpu_model']}, {machine['cores']} cores, {first['threads']} threads, "
         f"device {first['device_name']}, torch {machine['torch_version']}",
         f"allocator: {allocator}; {config['warmup']} warm-up + {config['steps']} timed steps per phase",
-        "",
     ]
+    if machine.get("load_average") and machine.get("load_average_after"):
+        lines.append(
+            f"load average (1 min) before/after: {machine['load_average'][0]:.2f}/{machine['load_average_after'][0]:.2f} "
+            f"on {machine['cores']} cores (above the core count, other processes shared the CPU)"
+        )
+    lines.append("")
     width = max(12, *(len(n) + 2 for n in names))
     header = f"{'':<34}" + "".join(f"{name:>{width}}" for name in names)
     lines.append(header)
@@ -78,6 +83,7 @@ def format_report(report: dict[str, Any]) -> str:
             ("  median ms / step", lambda r: f"{r[phase]['median_ms']:.1f}"),
             ("  min - max ms", lambda r: f"{r[phase]['min_ms']:.0f}-{r[phase]['max_ms']:.0f}"),
             ("  images / s (median)", lambda r: f"{r[phase]['images_per_s']:.1f}"),
+            ("  CPU ms / step (all threads)", lambda r: _number(r[phase].get("cpu_median_ms"))),
             ("  peak memory MiB", lambda r: f"{r[phase]['peak_memory_bytes'] / _MIB:.0f}"),
             ("  routed layers share", lambda r: _percent(r[phase]["routing_share"])),
         ]
@@ -127,6 +133,10 @@ def write_json(report: dict[str, Any], path: str | Path) -> None:
         path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     except OSError as error:
         raise ConfigError(f"--json {path}: cannot write the report: {error.strerror or error}") from None
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
 
 
 def _percent(share: float | None) -> str:

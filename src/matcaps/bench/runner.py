@@ -29,7 +29,7 @@ from matcaps.errors import ConfigError, MatcapsError
 REPORT_SCHEMA = "matcaps-bench/1"
 #: What a phase's result holds in the report (the rest of a worker's answer is per process).
 PHASE_RESULT_KEYS: tuple[str, ...] = (
-    "median_ms", "min_ms", "max_ms", "step_ms", "images_per_s", "peak_memory_bytes",
+    "median_ms", "min_ms", "max_ms", "step_ms", "images_per_s", "cpu_median_ms", "peak_memory_bytes",
     "routing_share", "routed_ms", "routing_share_steps", "compile_s",
 )  # fmt: skip
 #: The implementation that ratios are relative to.

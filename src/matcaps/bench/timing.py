@@ -1,7 +1,10 @@
 """Wall-clock timing of steps, and the share of a step spent in the routed capsule layers.
 
 Step times are measured with ``time.perf_counter`` around each step, with the device
-synchronised before and after (on CUDA), and summarised by :class:`TimingStats`.
+synchronised before and after (on CUDA), and summarised by :class:`TimingStats`.  The
+process's CPU time (``time.process_time``, all threads) is recorded too: on a shared
+machine it is much less sensitive than wall time to other processes competing for the
+cores (it measures work, not waiting).
 
 The routing share is measured by :class:`RoutedLayerTimer` with module and tensor hooks,
 during a few *extra* steps run after the timed ones (so the timed steps carry no hook at
@@ -41,6 +44,7 @@ class TimingStats:
         step_ms: Every timed step, in milliseconds.
         median_ms, min_ms, max_ms: Their median, minimum and maximum.
         images_per_s: ``batch / median`` step time.
+        cpu_median_ms: Median CPU time of the process per step (all threads), or None.
     """
 
     step_ms: tuple[float, ...]
@@ -48,15 +52,19 @@ class TimingStats:
     min_ms: float
     max_ms: float
     images_per_s: float
+    cpu_median_ms: float | None = None
 
     @classmethod
-    def from_seconds(cls, seconds: Iterable[float], batch_size: int) -> "TimingStats":
-        """Summarise step durations given in seconds."""
+    def from_seconds(
+        cls, seconds: Iterable[float], batch_size: int, cpu_seconds: Iterable[float] | None = None
+    ) -> "TimingStats":
+        """Summarise step durations (and optionally CPU times) given in seconds."""
         ms = tuple(1000.0 * s for s in seconds)
         if not ms:
             raise ValueError("no step was timed")
         median = statistics.median(ms)
-        return cls(ms, median, min(ms), max(ms), 1000.0 * batch_size / median)
+        cpu = None if cpu_seconds is None else 1000.0 * statistics.median(cpu_seconds)
+        return cls(ms, median, min(ms), max(ms), 1000.0 * batch_size / median, cpu)
 
 
 def synchronise(device: torch.device) -> None:
@@ -65,22 +73,34 @@ def synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step: Callable[[], object], count: int, device: torch.device) -> tuple[list[float], object]:
-    """Run ``step`` ``count`` times.
+@dataclass(frozen=True)
+class StepTimes:
+    """Raw times of ``count`` calls of a step.
 
-    Returns:
-        The duration of each call in seconds, and what the first call returned.
+    Attributes:
+        wall: Wall-clock duration of each call, in seconds.
+        cpu: CPU time of the process (all threads) during each call, in seconds.
+        first_value: What the first call returned.
     """
-    durations, first = [], None
+
+    wall: list[float]
+    cpu: list[float]
+    first_value: object
+
+
+def time_steps(step: Callable[[], object], count: int, device: torch.device) -> StepTimes:
+    """Run ``step`` ``count`` times and time each call."""
+    wall, cpu, first = [], [], None
     for index in range(count):
         synchronise(device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         value = step()
         synchronise(device)
-        durations.append(time.perf_counter() - start)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
         if index == 0:
             first = value
-    return durations, first
+    return StepTimes(wall, cpu, first)
 
 
 class RoutedLayerTimer:
@@ -174,6 +194,6 @@ def routing_share(
         their time per step in milliseconds.
     """
     with RoutedLayerTimer(model, device) as timer:
-        total = sum(time_steps(step, count, device)[0])
+        total = sum(time_steps(step, count, device).wall)
     share = timer.routed_seconds / total if total > 0 else 0.0
     return share, 1000.0 * timer.routed_seconds / count
