@@ -47,7 +47,7 @@ from matcaps.train.checkpoint import (
     save_atomic,
 )
 from matcaps.train.config import TrainConfig
-from matcaps.train.distributed import DistributedContext, all_agree, all_reduce_sum
+from matcaps.train.distributed import DistributedContext, all_agree, all_reduce_sum, resolve_device
 from matcaps.train.metrics import MetricsWriter, NullWriter
 from matcaps.train.sampler import EpochBatchSampler, epoch_seed
 from matcaps.train.validation import EvaluationCounts, autocast_context, evaluate_model
@@ -149,8 +149,6 @@ class Trainer:
         step_hook: StepHook | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
-        from matcaps.train.distributed import resolve_device
-
         self.config = config
         self.model_config = model_config
         self.context = context or DistributedContext(device=resolve_device(config.device))
@@ -185,7 +183,8 @@ class Trainer:
         self.network: nn.Module = self.model
         if self.context.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            # Buffers need no broadcast: InputNorm computes the same statistics on every process.
+            # InputNorm computes the same (global-batch) statistics on every process, so the
+            # buffers DDP broadcasts from rank 0 equal the local ones.
             self.network = DistributedDataParallel(self.model, device_ids=device_ids)
         if config.compile:
             self.network = torch.compile(self.network)
