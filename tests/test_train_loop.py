@@ -147,11 +147,3 @@ def test_bf16_on_cpu_is_rejected_with_a_clear_error():
     config = tiny_config(precision="bf16")
     with pytest.raises(ConfigError, match="bf16 needs a CUDA device"):
         Trainer(config, tiny_model_config(config), TinyImages(40))
-
-
-def test_compile_with_the_fused_routing_is_rejected_with_a_clear_error():
-    from matcaps.errors import ConfigError
-
-    config = tiny_config(compile=True)
-    with pytest.raises(ConfigError, match="--compile needs --routing-impl naive"):
-        Trainer(config, tiny_model_config(config), TinyImages(40))

@@ -55,6 +55,10 @@ from matcaps.routing.workspace import scratch
 _VOTES_SLOT, _SQUARES_SLOT, _PRODUCTS_SLOT = 0, 1, 2
 
 
+# ``torch.compile`` runs the fused routing eagerly (a graph break): its forward and backward
+# passes are already hand-fused, write into a reused workspace, and are not traceable by
+# dynamo; the layers around it (convolutions, gathers of windows) are still compiled.
+@torch.compiler.disable
 def em_routing_fused(
     votes: Tensor,
     child_activations: Tensor,
@@ -78,6 +82,7 @@ def em_routing_fused(
     return _FusedEMRouting.apply(votes.contiguous(), child_activations.contiguous(), beta_v, beta_a, geometry, config)
 
 
+@torch.compiler.disable
 def route_capsules_fused(
     windows: Tensor,
     transforms: Tensor,

@@ -105,7 +105,7 @@ class TrainConfig:
     device: str = _option("auto", "str", "auto, cpu, cuda or cuda:N", "execution")
     precision: str = _option("fp32", "str", "fp32; bf16 autocast (CUDA only); fp64 (numerical checks)", "execution",
                              choices=PRECISIONS)
-    compile: bool = _option(False, "bool", "torch.compile the model (needs --routing-impl naive)", "execution")
+    compile: bool = _option(False, "bool", "torch.compile the model (the fused routing itself runs eagerly)", "execution")
     # Monitoring.
     val_every: int = _option(1, "int", "validate every N epochs (0: never)", "monitoring")
     val_batch_size: int = _option(256, "int", "batch size of validation", "monitoring")

@@ -155,11 +155,6 @@ class Trainer:
         self.device = self.context.device
         if config.precision == "bf16" and self.device.type != "cuda":
             raise ConfigError("--precision bf16 needs a CUDA device (on CPU use fp32)")
-        if config.compile and model_config.routing.implementation != "naive":
-            raise ConfigError(
-                "--compile needs --routing-impl naive: torch.compile cannot trace the fused routing's "
-                "hand-written autograd function (the fused routing is already the faster one)"
-            )
         if config.batch_size % self.context.world_size:
             raise ConfigError(
                 f"batch size {config.batch_size} is not divisible by the {self.context.world_size} processes"
