@@ -68,10 +68,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"allocator: {allocator}; {config['warmup']} warm-up + {config['steps']} timed steps per phase",
     ]
     if machine.get("load_average") and machine.get("load_average_after"):
-        lines.append(
-            f"load average (1 min) before/after: {machine['load_average'][0]:.2f}/{machine['load_average_after'][0]:.2f} "
-            f"on {machine['cores']} cores (above the core count, other processes shared the CPU)"
-        )
+        before, after = machine["load_average"][0], machine["load_average_after"][0]
+        busy = " (before the run above the core count: other processes shared the CPU)" if before > machine["cores"] else ""
+        lines.append(f"load average (1 min) before/after: {before:.2f}/{after:.2f} on {machine['cores']} cores{busy}")
     lines.append("")
     width = max(12, *(len(n) + 2 for n in names))
     header = f"{'':<34}" + "".join(f"{name:>{width}}" for name in names)
