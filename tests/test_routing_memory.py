@@ -3,7 +3,8 @@
 The TensorFlow implementation normalises routing weights with a dense
 ``(child positions × parent positions)`` tensor per layer, quadratic in the map size; ours
 uses scatter/gather.  Each measurement runs in a fresh interpreter and reads the
-resident-set high-water mark, so it sees every allocation, whatever allocated it.
+resident-set high-water mark (reset just before the forward pass where Linux allows it),
+so it sees every allocation, whatever allocated it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import sys
 import pytest
 
 MEASURE = """
-import json, resource, sys, torch
+import json, sys, torch
+from matcaps.bench.memory import PeakMemoryProbe
 from matcaps.layers import ConvCaps
 from matcaps.routing import EMRoutingConfig
 side, implementation = int(sys.argv[1]), sys.argv[2]
@@ -25,11 +27,11 @@ layer = ConvCaps(8, 16, 3, 2, routing=EMRoutingConfig(implementation=implementat
 poses, activations = torch.randn(2, side, side, 8, 4, 4), torch.rand(2, side, side, 8)
 with torch.no_grad():
     layer(torch.randn(1, 5, 5, 8, 4, 4), torch.rand(1, 5, 5, 8))  # load kernels, warm caches
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+probe = PeakMemoryProbe(torch.device("cpu"))
+probe.start()  # resets the high-water mark where Linux allows it
 with torch.no_grad():
     layer(poses, activations)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"windows": ((side - 3) // 2 + 1) ** 2, "peak_kib": after - before}))
+print(json.dumps({"windows": ((side - 3) // 2 + 1) ** 2, "peak_kib": probe.peak_bytes() // 1024, "method": probe.method}))
 """
 
 

@@ -81,3 +81,33 @@ def test_bfloat16_inputs_are_routed_in_float32():
     assert out_poses.dtype == torch.float32
     torch.testing.assert_close(out_activations, reference_activations, rtol=0.05, atol=0.02)
     torch.testing.assert_close(out_poses, reference_poses, rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize("implementation", ROUTING_IMPLEMENTATIONS)
+def test_both_implementations_route_in_float32_under_autocast(implementation):
+    torch.manual_seed(4)
+    layer = ConvCaps(2, 3, 3, 1, routing=EMRoutingConfig(implementation=implementation))
+    other = ConvCaps(2, 3, 3, 1, routing=EMRoutingConfig(implementation="naive" if implementation == "fused" else "fused"))
+    other.load_state_dict(layer.state_dict())
+    poses, activations = torch.randn(2, 5, 5, 2, 4, 4), torch.rand(2, 5, 5, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first, second = layer(poses, activations), other(poses, activations)
+    torch.testing.assert_close(first, second, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", ROUTING_IMPLEMENTATIONS)
+def test_training_works_after_inference_mode(implementation):
+    """Cached geometry and the scratch pool must not become inference tensors."""
+    from matcaps.models import CapsNet, preset
+    from matcaps.routing import release_workspace
+
+    release_workspace()
+    config = preset("smallnorb", conv1_channels=4, primary_types=2, conv_caps1_types=2, conv_caps2_types=2)
+    model = CapsNet(config.replace(routing={"implementation": implementation}))
+    images = torch.randn(2, 1, 32, 32)
+    with torch.inference_mode():
+        model.eval()(images)
+    with torch.no_grad():
+        model(images)
+    model.train()(images).activations.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -80,7 +80,9 @@ class RoutedCapsules(nn.Module):
         """Cached :meth:`make_geometry` on ``device``."""
         key = (height, width, device)
         if key not in self._geometries:
-            self._geometries[key] = self.make_geometry(height, width).to(device)
+            # Cached across calls, so never an inference tensor (those cannot be saved for backward).
+            with torch.inference_mode(False):
+                self._geometries[key] = self.make_geometry(height, width).to(device)
         return self._geometries[key]
 
     def forward(self, poses: Tensor, activations: Tensor) -> tuple[Tensor, Tensor]:

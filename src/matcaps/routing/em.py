@@ -109,14 +109,15 @@ def route_capsules(
         ``(N, L, C, P·P)`` pose means and ``(N, L, C)`` activations.
     """
     _check_windows(windows, transforms)
-    if config.implementation == "naive":
-        return em_routing(compute_votes(windows, transforms, vote_offsets), child_activations, beta_v, beta_a, geometry, config)
     n, num_windows, children = windows.shape[:3]
     _check_routing_inputs((n, num_windows, transforms.shape[1], children), child_activations, beta_v, beta_a, geometry)
-    with torch.autocast(windows.device.type, enabled=False):
+    with torch.autocast(windows.device.type, enabled=False):  # votes in full precision for both implementations
         windows, transforms, child_activations, beta_v, beta_a = _full_precision(
             windows, transforms, child_activations, beta_v, beta_a
         )
+        if config.implementation == "naive":
+            votes = compute_votes(windows, transforms, vote_offsets)
+            return em_routing_naive(votes, child_activations, beta_v, beta_a, geometry, config)
         return route_capsules_fused(windows, transforms, child_activations, beta_v, beta_a, geometry, config, vote_offsets)
 
 

@@ -38,7 +38,8 @@ def scratch(slot: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch
     buffer = pool.get(key)
     if buffer is None or buffer.numel() < numel:
         pool.pop(key, None)  # free the old buffer before allocating the larger one
-        buffer = torch.empty(numel, dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor, reusable in and out of inference mode
+            buffer = torch.empty(numel, dtype=dtype)
         pool[key] = buffer
     return buffer[:numel].view(shape)
 
