@@ -23,6 +23,17 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [LAST_CHECKPOINT]  # no temporary file left behind
 
 
+def test_checkpoints_get_the_permissions_of_an_ordinary_new_file(tmp_path):
+    import os
+    import stat
+
+    ordinary = tmp_path / "ordinary"
+    ordinary.write_bytes(b"")
+    save_atomic({"format": CHECKPOINT_FORMAT}, tmp_path / LAST_CHECKPOINT)
+    mode = stat.S_IMODE(os.stat(tmp_path / LAST_CHECKPOINT).st_mode)
+    assert mode == stat.S_IMODE(os.stat(ordinary).st_mode)
+
+
 def test_damaged_or_foreign_files_raise_checkpoint_errors(tmp_path):
     path = tmp_path / "last.pt"
     save_atomic({"format": CHECKPOINT_FORMAT, "value": torch.zeros(1000)}, path)

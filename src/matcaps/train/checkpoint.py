@@ -61,6 +61,13 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _default_file_mode() -> int:
+    """The mode ``open()`` would give a new file: ``0o666`` minus the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_atomic(payload: Any, path: str | Path) -> None:
     """``torch.save(payload, path)`` so that ``path`` is always a whole file.
 
@@ -70,6 +77,7 @@ def save_atomic(payload: Any, path: str | Path) -> None:
     path = Path(path)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(descriptor, _default_file_mode())  # mkstemp creates 0600; checkpoints are ordinary files
         with os.fdopen(descriptor, "wb") as handle:
             torch.save(payload, handle)
             handle.flush()
