@@ -50,3 +50,34 @@ def test_conv_caps_peak_memory_is_linear_in_the_map_size(implementation):
     per_window_large = large["peak_kib"] / large["windows"]
     # Linear: the memory per parent position stays put (quadratic would multiply it by ~10).
     assert 0.5 * per_window_small < per_window_large < 2.0 * per_window_small, (small, large)
+
+
+@pytest.mark.parametrize("implementation", ["fused", "naive"])
+@pytest.mark.parametrize("backward", [True, False])
+def test_a_step_leaves_nothing_for_the_cyclic_garbage_collector(implementation, backward):
+    """No reference cycle keeps a step's tensors alive.
+
+    Python frees cycles only when its collector runs, which it schedules by object counts,
+    not bytes: a cycle through the autograd graph made memory grow by a step's routing
+    state at every training step.
+    """
+    import gc
+
+    import torch
+
+    from matcaps.layers import ConvCaps
+    from matcaps.routing import EMRoutingConfig
+
+    layer = ConvCaps(2, 3, 3, 1, routing=EMRoutingConfig(implementation=implementation))
+    poses = torch.randn(2, 5, 5, 2, 4, 4, requires_grad=True)
+    activations = torch.rand(2, 5, 5, 2)
+    gc.collect()
+    gc.disable()
+    try:
+        out_poses, out_activations = layer(poses, activations)
+        if backward:
+            (out_poses.sum() + out_activations.sum()).backward()
+        del out_poses, out_activations
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

@@ -279,9 +279,17 @@ def _routing_backward(
 
 
 def _outputs(states: list[_IterationState], shape: torch.Size) -> tuple[Tensor, Tensor]:
+    """The routed poses and activations, as copies of the final state's tensors.
+
+    The states live on ``ctx`` (not in ``save_for_backward``), so an output that *is* one of
+    their tensors would form a reference cycle (output → grad_fn → ctx → states → output)
+    that only Python's cyclic garbage collector frees: memory then grows by a whole step's
+    states per step.  Copies (small: ``1/I`` of the votes) also keep in-place changes of the
+    outputs from reaching the backward pass.
+    """
     n, num_windows, parent_types, _, entries = shape
     final = states[-1]
-    return final.mean.view(n, num_windows, parent_types, entries), final.activations
+    return final.mean.reshape(n, num_windows, parent_types, entries).clone(), final.activations.clone()
 
 
 class _FusedEMRouting(torch.autograd.Function):
