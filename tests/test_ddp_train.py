@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from data_fixtures import write_tiny_smallnorb
-from test_train_support import TINY_MODEL_OPTIONS, single_thread, TinyImages, tiny_config, tiny_model_config
+from train_support import TINY_MODEL_OPTIONS, TinyImages, tiny_config, tiny_model_config
 
 from matcaps.cli import main
 from matcaps.data import prepare
@@ -34,7 +34,7 @@ CONFIG_CHANGES = dict(epochs=2, batch_size=GLOBAL_BATCH, checkpoint_every=0, log
 
 @pytest.fixture(autouse=True)
 def _one_thread(single_thread):
-    """See :func:`test_train_support.single_thread`."""
+    """See :func:`conftest.single_thread`."""
 
 
 def free_port() -> int:

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from test_train_support import TinyImages, tiny_config, tiny_model_config
+from train_support import TinyImages, tiny_config, tiny_model_config
 
 from matcaps.errors import CheckpointError
 from matcaps.train import LAST_CHECKPOINT, EpochBatchSampler, load_checkpoint, resolve_checkpoint, save_atomic, train_run

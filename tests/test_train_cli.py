@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from data_fixtures import write_tiny_smallnorb
-from test_train_support import single_thread, TINY_MODEL_OPTIONS, state_dicts_equal
+from train_support import TINY_MODEL_OPTIONS, state_dicts_equal
 from torch.utils.data import DataLoader
 
 from matcaps.cli import main
@@ -26,7 +26,7 @@ FAST = {"batch_size": 8, "epochs": 2, "workers": 0, "progress": False, "log_ever
 
 @pytest.fixture(autouse=True)
 def _one_thread(single_thread):
-    """See :func:`test_train_support.single_thread`."""
+    """See :func:`conftest.single_thread`."""
 
 
 @pytest.fixture(scope="module")

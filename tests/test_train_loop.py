@@ -7,14 +7,14 @@ import math
 
 import pytest
 import torch
-from test_train_support import single_thread, TinyImages, state_dicts_equal, tiny_config, tiny_model_config
+from train_support import TinyImages, state_dicts_equal, tiny_config, tiny_model_config
 
 from matcaps.train import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, load_checkpoint, read_metrics, train_run
 
 
 @pytest.fixture(autouse=True)
 def _one_thread(single_thread):
-    """See :func:`test_train_support.single_thread`."""
+    """See :func:`conftest.single_thread`."""
 
 
 class Crash(Exception):

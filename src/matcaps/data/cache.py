@@ -37,6 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from matcaps.errors import DataFormatError, DatasetNotFoundError, DownloadError
+from matcaps.fsutil import fsync_directory
 from matcaps.data.download import download_file
 from matcaps.data.idx_format import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, read_idx
 from matcaps.data.norb_format import read_norb, read_norb_header, stream_norb_data
@@ -198,19 +199,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_array(path: Path, array: np.ndarray) -> None:
     """Write a small array as ``.npy`` and fsync it."""
     np.save(path, array)
@@ -319,7 +307,7 @@ def build_cache(name: str, sources: dict[str, Path], out: Path, progress: bool) 
         "sources": {key: {"file": path.name, "bytes": path.stat().st_size} for key, path in sorted(sources.items())},
     }
     _write_manifest(out, manifest)
-    _fsync_dir(out)
+    fsync_directory(out)
     return manifest
 
 
@@ -367,7 +355,7 @@ def _swap_into_place(tmp: Path, cache: Path) -> None:
         old = _fresh_dir(cache.parent, OLD_PREFIX)
         os.replace(cache, old / CACHE_DIR_NAME)
     os.replace(tmp, cache)
-    _fsync_dir(cache.parent)
+    fsync_directory(cache.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

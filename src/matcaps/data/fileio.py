@@ -81,3 +81,16 @@ def check_at_end(handle: BinaryIO, path: Path, expected_total: int) -> None:
             f"{path}: size mismatch: the header announces {expected_total} bytes in total "
             f"but the (decompressed) file has {total}"
         )
+
+
+def write_maybe_gzip(path: Path | str, data: bytes, compress: bool | None = None) -> Path:
+    """Write ``data`` to ``path``, gzipped when ``compress`` (default: the name ends in ``.gz``)."""
+    path = Path(path)
+    if compress is None:
+        compress = path.suffix == ".gz"
+    if compress:
+        with gzip.open(path, "wb", compresslevel=1) as handle:
+            handle.write(data)
+    else:
+        path.write_bytes(data)
+    return path

@@ -8,7 +8,6 @@ Inconsistencies raise :class:`~matcaps.errors.DataFormatError` naming the file.
 
 from __future__ import annotations
 
-import gzip
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from matcaps.errors import DataFormatError
-from matcaps.data.fileio import check_at_end, open_maybe_gzip, read_exactly
+from matcaps.data.fileio import check_at_end, open_maybe_gzip, read_exactly, write_maybe_gzip
 
 #: Type byte → element type (big-endian for the multi-byte ones).
 IDX_TYPE_TO_DTYPE: dict[int, np.dtype] = {
@@ -93,13 +92,4 @@ def encode_idx(array: np.ndarray) -> bytes:
 
 def write_idx(path: Path | str, array: np.ndarray, compress: bool | None = None) -> Path:
     """Write ``array`` as an IDX file, gzipped when ``compress`` (default: name ends in ``.gz``)."""
-    path = Path(path)
-    data = encode_idx(array)
-    if compress is None:
-        compress = path.suffix == ".gz"
-    if compress:
-        with gzip.open(path, "wb", compresslevel=1) as handle:
-            handle.write(data)
-    else:
-        path.write_bytes(data)
-    return path
+    return write_maybe_gzip(path, encode_idx(array), compress)

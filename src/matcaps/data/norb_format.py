@@ -18,7 +18,6 @@ what was expected; a wrong array is never returned silently.
 
 from __future__ import annotations
 
-import gzip
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from typing import BinaryIO
 import numpy as np
 
 from matcaps.errors import DataFormatError
-from matcaps.data.fileio import GZIP_ERRORS, check_at_end, open_maybe_gzip, read_exactly
+from matcaps.data.fileio import GZIP_ERRORS, check_at_end, open_maybe_gzip, read_exactly, write_maybe_gzip
 
 #: Magic number → element type.
 NORB_MAGIC_TO_DTYPE: dict[int, np.dtype] = {
@@ -226,13 +225,4 @@ def write_norb(path: Path | str, array: np.ndarray, compress: bool | None = None
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
     """
-    path = Path(path)
-    data = encode_norb(array)
-    if compress is None:
-        compress = path.suffix == ".gz"
-    if compress:
-        with gzip.open(path, "wb", compresslevel=1) as handle:
-            handle.write(data)
-    else:
-        path.write_bytes(data)
-    return path
+    return write_maybe_gzip(path, encode_norb(array), compress)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from matcaps.errors import CheckpointError
+from matcaps.fsutil import fsync_directory
 
 #: Bumped when the layout of the checkpoint dict changes incompatibly.
 CHECKPOINT_FORMAT = 1
@@ -86,16 +87,7 @@ def save_atomic(payload: Any, path: str | Path) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    try:  # make the rename itself durable
-        directory = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory descriptors
-        return
-    try:
-        os.fsync(directory)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(directory)
+    fsync_directory(path.parent)  # make the rename itself durable
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -65,14 +63,3 @@ def tiny_model_config(config: TrainConfig, size: int = TINY_IMAGE_SIZE) -> CapsN
 
 def state_dicts_equal(first: dict[str, Tensor], second: dict[str, Tensor]) -> bool:
     return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
-
-
-@pytest.fixture(autouse=False)
-def single_thread() -> Iterator[None]:
-    """Run torch on one thread: on a loaded 2-core machine, 2 threads per process are several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
