@@ -38,6 +38,7 @@ from matcaps.errors import CheckpointError, ConfigError
 from matcaps.layers import InputNorm
 from matcaps.losses import l2_penalty, regularised_parameters, spread_loss
 from matcaps.models import CapsNet, CapsNetConfig, build_model, count_parameters
+from matcaps.routing import release_workspace
 from matcaps.train.checkpoint import (
     BEST_CHECKPOINT,
     CHECKPOINT_FORMAT,
@@ -343,6 +344,8 @@ class Trainer:
             precision=self.config.precision, progress=self.config.progress and self.context.is_main,
             description=f"validate {self.state.epoch}",
         )  # fmt: skip
+        # The routing's scratch pool grew to the validation batch; give it back for training.
+        release_workspace()
         self.last_val = counts
         self.state.validated_step = self.state.step
         self.writer.scalars("val", self.state.step, self.state.epoch, {"loss": counts.loss, "accuracy": counts.accuracy})
