@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from matcaps.bench.allocator import apply_allocator, glibc_version
+from matcaps.allocator import apply_allocator, glibc_version
 from matcaps.bench.config import BenchConfig, parse_model_option
 from matcaps.bench.memory import PeakMemoryProbe
 from matcaps.bench.report import format_report
@@ -56,14 +56,14 @@ def test_default_allocator_is_recorded_as_not_applied():
 
 
 def test_tuned_allocator_is_applied_in_a_fresh_process_on_glibc():
-    code = "import json; from matcaps.bench.allocator import apply_allocator; print(json.dumps(apply_allocator('tuned')))"
+    code = "import json; from matcaps.allocator import apply_allocator; print(json.dumps(apply_allocator('tuned')))"
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     record = json.loads(completed.stdout)
     assert record["applied"] is (glibc_version() is not None)
     if record["applied"]:
         assert record["settings"] == {"M_MMAP_THRESHOLD": 1 << 30, "M_TRIM_THRESHOLD": (1 << 31) - 1}
     # The allocator module must not import torch (the regime is set before anything big is allocated).
-    check = "import sys, matcaps.bench.allocator; print('torch' in sys.modules)"
+    check = "import sys, matcaps.allocator; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 

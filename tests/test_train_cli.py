@@ -13,9 +13,10 @@ from data_fixtures import write_tiny_smallnorb
 from train_support import TINY_MODEL_OPTIONS, state_dicts_equal
 from torch.utils.data import DataLoader
 
+from matcaps.allocator import glibc_version
 from matcaps.cli import main
 from matcaps.data import DataConfig, load_splits, prepare
-from matcaps.models import CapsNetConfig, build_model
+from matcaps.models import build_model, model_config_from_dict
 from matcaps.train import load_checkpoint, read_metrics
 from matcaps.train.config import to_toml
 
@@ -59,14 +60,14 @@ def trained_run(tmp_path_factory, config_file) -> Path:
 def independent_accuracy(run: Path, checkpoint: str, data_root: Path, split: str = "standard") -> tuple[float, torch.Tensor]:
     """Accuracy and confusion matrix recomputed without matcaps.evaluate."""
     payload = load_checkpoint(run / checkpoint)
-    model = build_model(CapsNetConfig.from_dict(payload["model_config"]))
+    model = build_model(model_config_from_dict(payload["model_config"]))
     model.load_state_dict(payload["model"])
     model.eval()
     test = load_splits(DataConfig(root=data_root, split=split, validation=False)).test
     confusion = torch.zeros(5, 5, dtype=torch.long)
     with torch.no_grad():
         for images, labels in DataLoader(test, batch_size=64):
-            predictions = model(images).activations.argmax(dim=1)
+            predictions = model(images).scores.argmax(dim=1)
             for label, prediction in zip(labels.tolist(), predictions.tolist()):
                 confusion[label, prediction] += 1
     return float(confusion.diagonal().sum()) / len(test), confusion
@@ -81,6 +82,9 @@ def test_train_writes_a_complete_run_directory(trained_run):
     info = json.loads((trained_run / "run.json").read_text())
     assert info["dataset_sizes"] == {"train": 80, "val": 80, "test": 160}
     assert [r["step"] for r in read_metrics(trained_run) if r["phase"] == "val"] == [10, 20]
+    # The faster allocator regime is the default for every user, and the run says what was applied.
+    assert info["allocator"]["name"] == "tuned" and info["allocator"]["applied"] == (glibc_version() is not None)
+    assert 'allocator = "tuned"' in (trained_run / "config.toml").read_text()
 
 
 def test_test_command_reports_the_whole_test_set(trained_run, data_root, capsys):
@@ -144,6 +148,12 @@ def test_resume_extends_a_finished_run_and_refuses_changes(config_file, tmp_path
         (["--resume", "{empty}"], "is not a run directory"),
         (["--model-option", "conv1_channels"], "expects KEY=VALUE"),
         (["--model-option", "conv_channels=3"], "unknown model option"),
+        (["--max-minutes", "0"], "max_minutes must be a positive number of minutes"),
+        (["--max-minutes", "nan"], "max_minutes must be a positive number of minutes"),
+        (["--model", "cnn-baseline", "--iters", "2"], "iters applies to capsule networks"),
+        (["--model", "cnn-baseline", "--model-option", "routing.iterations=2"], "unknown option.*CNN baseline: routing"),
+        (["--model", "cnn-baseline", "--model-option", "dropout=1.5"], r"dropout must be in \[0, 1\)"),
+        (["--model-option", "transform_init_std=0"], "transform_init_std must be a positive number"),
     ],
 )
 def test_bad_options_give_one_error_line_and_exit_code_2(arguments, message, tmp_path, data_root, trained_run, capsys):
@@ -217,3 +227,19 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(config_fi
     whole, resumed = load_checkpoint(tmp_path / "whole" / "last.pt"), load_checkpoint(killed / "last.pt")
     assert resumed["state"]["step"] == whole["state"]["step"] == steps
     assert state_dicts_equal(whole["model"], resumed["model"])
+
+
+def test_cnn_baseline_trains_and_tests_with_the_same_commands(data_root, tmp_path, capsys):
+    run = tmp_path / "cnn"
+    assert main(["train", "--data-root", str(data_root), "--model", "cnn-baseline", "--run-dir", str(run),
+                 "--model-option", "hidden_units=32", "--max-steps", "6", "--batch-size", "8", "--workers", "0",
+                 "--no-progress", "--device", "cpu"]) == 0  # fmt: skip
+    saved = (run / "config.toml").read_text()
+    assert 'model = "cnn-baseline"' in saved and "iters" not in saved
+    info = json.loads((run / "run.json").read_text())
+    assert info["model_config"]["architecture"] == "cnn-baseline" and info["model_config"]["hidden_units"] == 32
+    capsys.readouterr()
+    assert main(["test", str(run), "--no-progress", "--workers", "0"]) == 0
+    report = json.loads((run / "test-standard-best.json").read_text())
+    accuracy, confusion = independent_accuracy(run, "best.pt", data_root)
+    assert report["accuracy"] == pytest.approx(accuracy) and report["confusion_matrix"] == confusion.tolist()

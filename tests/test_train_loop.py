@@ -147,3 +147,109 @@ def test_bf16_on_cpu_is_rejected_with_a_clear_error():
     config = tiny_config(precision="bf16")
     with pytest.raises(ConfigError, match="bf16 needs a CUDA device"):
         Trainer(config, tiny_model_config(config), TinyImages(40))
+
+
+class FakeClock:
+    """Stands in for ``time.monotonic`` in the trainer: advanced by hand, one minute per step."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_max_minutes_stops_with_a_checkpoint_that_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    import matcaps.train.trainer as trainer_module
+
+    config = tiny_config(epochs=3, checkpoint_every=0)  # 5 steps per epoch, 15 in all
+    model_config = tiny_model_config(config)
+    val_set = TinyImages(16, seed=1, augment=False)
+    whole = train_run(config, model_config, TinyImages(40), val_set, tmp_path / "whole")
+
+    clock = FakeClock()
+    monkeypatch.setattr(trainer_module.time, "monotonic", clock)
+
+    def tick(trainer: Trainer) -> None:
+        clock.now += 60.0
+
+    boxed = config.replace(max_minutes=6.5)  # stops after the 7th step, mid-epoch
+    result = train_run(boxed, model_config, TinyImages(40), val_set, tmp_path / "boxed", step_hook=tick)
+    assert result.step == 7
+    last = load_checkpoint(tmp_path / "boxed" / LAST_CHECKPOINT)
+    assert last["state"]["step"] == 7 and last["state"]["epoch"] == 1 and last["state"]["batch_in_epoch"] == 2
+    assert [r["step"] for r in read_metrics(tmp_path / "boxed") if r["phase"] == "val"] == [5, 7]
+
+    monkeypatch.undo()
+    resumed = train_run(boxed.replace(max_minutes=None), model_config, TinyImages(40), val_set, tmp_path / "boxed",
+                        resume=True)  # fmt: skip
+    assert resumed.step == whole.step == 15
+    final = load_checkpoint(tmp_path / "boxed" / LAST_CHECKPOINT)["model"]
+    assert state_dicts_equal(final, load_checkpoint(tmp_path / "whole" / LAST_CHECKPOINT)["model"])
+
+
+def test_without_progress_bars_a_line_is_printed_per_log_step_and_metrics_reach_the_disk_at_once(tmp_path):
+    lines: list[str] = []
+    flushed_steps: list[list[int]] = []
+    config = tiny_config(epochs=1, log_every=2, histogram_every=0)  # 5 steps
+
+    def look_at_the_file(trainer: Trainer) -> None:  # what another process would read now
+        text = (tmp_path / "run" / "metrics.jsonl").read_text()
+        flushed_steps.append([json.loads(line)["step"] for line in text.splitlines() if '"train"' in line])
+
+    trainer = Trainer(config, tiny_model_config(config), TinyImages(40), run_dir=tmp_path / "run",
+                      step_hook=look_at_the_file, log=lines.append)  # fmt: skip
+    trainer.fit()
+    progress = [line for line in lines if line.startswith("step ")]
+    assert [line.split()[1] for line in progress] == ["2/5", "4/5"]
+    assert all("loss" in line and "images/s" in line and "ETA" in line and "epoch 1" in line for line in progress)
+    assert flushed_steps[1] == [2] and flushed_steps[3] == [2, 4]  # on disk right after the step that logged it
+
+
+def test_histograms_cover_every_routing_iteration_and_gradient_norms(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = tiny_config(epochs=1, histogram_every=5, log_every=5, model_options={**tiny_config().model_options,
+                                                                                   "routing": {"iterations": 3}})
+    train_run(config, tiny_model_config(config), TinyImages(40), None, tmp_path / "run")
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"histograms": 0}).Reload()
+    histograms = set(events.Tags()["histograms"])
+    for layer in ("conv_caps1", "conv_caps2", "class_caps"):
+        for iteration in (1, 2, 3):
+            assert f"routing/{layer}/iteration{iteration}/activations" in histograms
+            assert f"routing/{layer}/iteration{iteration}/log_variance" in histograms
+    assert "grad_norm/all_parameters" in histograms
+    norms = [r for r in read_metrics(tmp_path / "run") if r["phase"] == "grad_norm"]
+    assert [r["step"] for r in norms] == [5]
+    assert "class_caps.weight" in norms[0] and all(v >= 0 for k, v in norms[0].items() if "." in k)
+
+
+def test_the_cnn_baseline_trains_with_cross_entropy_and_resumes(tmp_path):
+    from matcaps.models import CNN_BASELINE, CNNBaseline
+
+    config = tiny_config(epochs=2, model=CNN_BASELINE, model_options={"hidden_units": 16})
+    model_config = tiny_model_config(config)
+    train_set, val_set = TinyImages(40), TinyImages(16, seed=1, augment=False)
+    trainer = Trainer(config, model_config, train_set, val_set)
+    assert isinstance(trainer.model, CNNBaseline) and trainer.model.classifier[1].out_features == 16
+    counts = trainer.validate()  # the validation loss is the cross-entropy, not a spread loss
+    assert counts is not None
+    assert counts.loss == pytest.approx(float(_mean_cross_entropy(trainer.model, val_set)), rel=1e-5)
+    whole = train_run(config, model_config, train_set, val_set, tmp_path / "whole")
+    with pytest.raises(Crash):
+        train_run(config, model_config, TinyImages(40), val_set, tmp_path / "killed", step_hook=crash_at(6))
+    resumed = train_run(config, model_config, TinyImages(40), val_set, tmp_path / "killed", resume=True)
+    assert resumed.step == whole.step == 10
+    assert state_dicts_equal(load_checkpoint(tmp_path / "killed" / LAST_CHECKPOINT)["model"],
+                             load_checkpoint(tmp_path / "whole" / LAST_CHECKPOINT)["model"])  # fmt: skip
+
+
+def _mean_cross_entropy(model: torch.nn.Module, dataset) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        labels = torch.stack([dataset[i][1] for i in range(len(dataset))])
+        loss = torch.nn.functional.cross_entropy(model(images).logits, labels)
+    model.train(was_training)
+    return loss

@@ -17,7 +17,7 @@ import torch
 
 from matcaps.data import DataConfig, load_splits
 from matcaps.errors import CheckpointError
-from matcaps.models import CapsNetConfig, build_model
+from matcaps.models import build_model, model_config_from_dict
 from matcaps.train.checkpoint import load_checkpoint, resolve_checkpoint
 from matcaps.train.config import TrainConfig
 from matcaps.train.distributed import resolve_device
@@ -34,7 +34,7 @@ class TestReport:
         step, epoch: Training progress stored in the checkpoint.
         num_images: Images scored (the whole test set).
         accuracy: Fraction predicted correctly; ``error_rate = 1 − accuracy``.
-        loss: Mean spread loss at the checkpoint's margin.
+        loss: Mean training loss (spread loss at the checkpoint's margin, or cross-entropy).
         class_names: ``K`` names, index = label.
         per_class_accuracy: Recall of each class, by name.
         confusion_matrix: ``K × K`` counts, rows = true class, columns = predicted.
@@ -86,7 +86,7 @@ def evaluate_checkpoint(
     payload = load_checkpoint(path)
     try:
         config = TrainConfig.from_dict(payload["config"], f"checkpoint {path}")
-        model_config = CapsNetConfig.from_dict(payload["model_config"])
+        model_config = model_config_from_dict(payload["model_config"])
     except KeyError as error:
         raise CheckpointError(f"checkpoint {path} lacks {error}") from None
     data_config = DataConfig(

@@ -64,6 +64,30 @@ def spread_loss(activations: Tensor, targets: Tensor, margin: float) -> Tensor:
     return (violations * not_target).sum(dim=1).mean()
 
 
+#: Losses a network can declare in its ``loss_kind`` attribute.
+LOSS_KINDS: tuple[str, ...] = ("spread", "cross_entropy")
+
+
+def classification_loss(kind: str, scores: Tensor, targets: Tensor, margin: float) -> Tensor:
+    """The batch-mean training loss of a network whose ``loss_kind`` is ``kind``.
+
+    Args:
+        kind: ``spread`` (capsule activations, Hinton et al. 2018 §3.1; uses ``margin``) or
+            ``cross_entropy`` (softmax cross-entropy on logits, the CNN baseline; ignores ``margin``).
+        scores: ``(N, K)`` class activations or logits.
+        targets: ``(N,)`` int64 class indices.
+        margin: Current spread-loss margin.
+
+    Returns:
+        Scalar loss.
+    """
+    if kind == "spread":
+        return spread_loss(scores, targets, margin)
+    if kind == "cross_entropy":
+        return nn.functional.cross_entropy(scores, targets)
+    raise ValueError(f"unknown loss kind {kind!r}; choose one of {', '.join(LOSS_KINDS)}")
+
+
 class SpreadLoss(nn.Module):
     """:func:`spread_loss` with a :class:`MarginSchedule`; call as ``loss(activations, targets, step)``."""
 

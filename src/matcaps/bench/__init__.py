@@ -10,7 +10,7 @@
 * :func:`apply_allocator`: the ``default``/``tuned`` glibc allocator regimes.
 
 Names are imported lazily so that a worker can set up the C allocator before PyTorch is
-imported (``import matcaps.bench.allocator`` must not import torch).
+imported (``import matcaps.allocator`` must not import torch).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from matcaps.bench.allocator import glibc_version
+from matcaps.allocator import glibc_version
 
 _CPUINFO = Path("/proc/cpuinfo")
 

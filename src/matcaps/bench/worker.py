@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from matcaps.bench.allocator import apply_allocator  # ctypes only: nothing is allocated yet
+from matcaps.allocator import apply_allocator  # ctypes only: nothing is allocated yet
 
 
 def main(argv: Sequence[str]) -> int:

@@ -80,7 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             _add_field_option(groups[f.metadata["group"]], name)
     groups["model"].add_argument(
         "--model-option", action="append", default=[], metavar="KEY=VALUE",
-        help="change a field of the preset's CapsNetConfig, e.g. conv1_channels=32 or routing.epsilon=1e-9 (repeatable)",
+        help="change a field of the model's configuration (CapsNetConfig or CNNBaselineConfig), e.g. "
+             "conv1_channels=32 or routing.epsilon=1e-9 (repeatable)",
     )  # fmt: skip
     parser.set_defaults(func=run_command)
 
@@ -130,12 +131,15 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 
 def run_command(args: argparse.Namespace) -> int:
     """Train (or resume) as the options say; returns 0."""
+    from matcaps.allocator import apply_allocator
     from matcaps.data import DataConfig, load_splits
+    from matcaps.models import CapsNetConfig
     from matcaps.train.config import resolve_model_config
     from matcaps.train.distributed import setup_distributed, teardown_distributed
     from matcaps.train.run import train_run
 
     config = resolve_config(args)
+    allocator = apply_allocator(config.allocator)  # before the data and the network are allocated
     data_config = DataConfig(
         dataset=config.dataset, root=Path(config.data_root), split=config.split, val_instances=config.val_instances,
         val_size=config.val_size, validation=config.validation, seed=config.seed,
@@ -143,7 +147,7 @@ def run_command(args: argparse.Namespace) -> int:
     splits = load_splits(data_config)  # fails early (one line) if the data are not prepared
     info = splits.info
     model_config = resolve_model_config(config, info.num_classes, info.image_size, info.channels)
-    if args.resume is None:  # record what the defaults resolved to
+    if args.resume is None and isinstance(model_config, CapsNetConfig):  # record what the defaults resolved to
         config = config.replace(
             model=config.model or default_model_name(config.dataset), iters=model_config.routing.iterations,
             routing_impl=model_config.routing.implementation,
@@ -153,7 +157,7 @@ def run_command(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume) if args.resume is not None else _agree_on_run_dir(args, config, context)
         result = train_run(
             config, model_config, splits.train, splits.val, run_dir, resume=args.resume is not None, context=context,
-            extra_info={"dataset_sizes": {"train": len(splits.train), "val": len(splits.val) if splits.val else 0,
+            extra_info={"allocator": allocator, "dataset_sizes": {"train": len(splits.train), "val": len(splits.val) if splits.val else 0,
                                           "test": len(splits.test)}},
         )  # fmt: skip
     finally:

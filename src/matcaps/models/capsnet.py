@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from matcaps.layers import ClassCaps, ConvCaps, InputNorm, PrimaryCaps
-from matcaps.layers.init import init_conv_
+from matcaps.layers.init import BETA_A_INIT_MEAN, BETA_A_INIT_STD, TRANSFORM_INIT_STD, init_conv_, truncated_normal_
 from matcaps.models.config import CapsNetConfig
+
+if TYPE_CHECKING:
+    from matcaps.models.cnn import CNNBaseline
+    from matcaps.models.config import ModelConfig
 
 
 class CapsNetOutput(NamedTuple):
@@ -24,6 +28,11 @@ class CapsNetOutput(NamedTuple):
     activations: Tensor
     poses: Tensor
 
+    @property
+    def scores(self) -> Tensor:
+        """``(N, num_classes)``: the scores whose argmax is the prediction (the activations)."""
+        return self.activations
+
 
 class CapsNet(nn.Module):
     """Matrix capsules with EM routing.
@@ -36,6 +45,9 @@ class CapsNet(nn.Module):
     With the default :class:`CapsNetConfig` (32×32 input) the capsule maps are 16×16
     (PrimaryCaps), 7×7 (ConvCaps1) and 5×5 (ConvCaps2).
     """
+
+    #: Loss this network is trained with (see :func:`matcaps.losses.classification_loss`).
+    loss_kind = "spread"
 
     def __init__(self, config: CapsNetConfig = CapsNetConfig()) -> None:
         super().__init__()
@@ -55,6 +67,22 @@ class CapsNet(nn.Module):
         self.class_caps = ClassCaps(
             c.conv_caps2_types, c.num_classes, routing=c.routing, coordinate_addition=c.coordinate_addition, pose_size=c.pose_size
         )
+        self._apply_initialisation(c)
+
+    def _apply_initialisation(self, c: CapsNetConfig) -> None:
+        """Redraw transforms and ``β_a`` where the configuration asks for other than IBM's initialisation.
+
+        The layers draw IBM's values themselves; they are redrawn only when a setting differs, so a
+        network with the default settings gets exactly the weights it always had for a given seed.
+        """
+        routed = (self.conv_caps1, self.conv_caps2, self.class_caps)
+        with torch.no_grad():
+            if c.transform_init_std != TRANSFORM_INIT_STD:
+                for layer in routed:
+                    truncated_normal_(layer.weight, 0.0, c.transform_init_std)
+            if (c.beta_a_init_mean, c.beta_a_init_std) != (BETA_A_INIT_MEAN, BETA_A_INIT_STD):
+                for layer in routed:
+                    truncated_normal_(layer.beta_a, c.beta_a_init_mean, c.beta_a_init_std)
 
     def forward(self, images: Tensor) -> CapsNetOutput:
         features = torch.relu(self.conv1(self.input_norm(images)))
@@ -85,11 +113,15 @@ class CapsNet(nn.Module):
         return sizes
 
 
-def build_model(config: CapsNetConfig | str = "smallnorb") -> CapsNet:
-    """A :class:`CapsNet` from a configuration or the name of a preset."""
+def build_model(config: "ModelConfig | str" = "smallnorb") -> "CapsNet | CNNBaseline":
+    """The network of a configuration or of a model name (a capsule preset or ``cnn-baseline``)."""
+    from matcaps.models.cnn import CNNBaseline, CNNBaselineConfig
     from matcaps.models.config import preset
 
-    return CapsNet(preset(config) if isinstance(config, str) else config)
+    config = preset(config) if isinstance(config, str) else config
+    if isinstance(config, CNNBaselineConfig):
+        return CNNBaseline(config)
+    return CapsNet(config)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 from matcaps.errors import ConfigError
+from matcaps.layers.init import BETA_A_INIT_MEAN, BETA_A_INIT_STD, TRANSFORM_INIT_STD
+from matcaps.models.cnn import CNN_BASELINE, CNNBaselineConfig
 from matcaps.routing import EMRoutingConfig
 
 
@@ -33,6 +36,10 @@ class CapsNetConfig:
         pose_size: ``P``; poses are ``P×P`` matrices.
         coordinate_addition: Add scaled coordinates to the class-capsule votes.
         input_norm: Batch-normalise the input without learned scale and shift, as IBM does.
+        transform_init_std: Std of the truncated normal that initialises the transformation
+            matrices of the routed layers (IBM: 1.0).
+        beta_a_init_mean, beta_a_init_std: Truncated normal of the initial ``β_a`` of the routed
+            layers (IBM: mean −1000, std 500, so that ``λ·β_a`` starts near −0.5 with λ ≈ 1e-3).
         routing: EM-routing hyper-parameters shared by the three routed layers.
     """
 
@@ -52,6 +59,9 @@ class CapsNetConfig:
     pose_size: int = 4
     coordinate_addition: bool = True
     input_norm: bool = True
+    transform_init_std: float = TRANSFORM_INIT_STD
+    beta_a_init_mean: float = BETA_A_INIT_MEAN
+    beta_a_init_std: float = BETA_A_INIT_STD
     routing: EMRoutingConfig = field(default_factory=EMRoutingConfig)
 
     def __post_init__(self) -> None:
@@ -59,6 +69,13 @@ class CapsNetConfig:
             value = getattr(self, f.name)
             if f.type == "int" and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"model option {f.name} must be a positive integer, got {value!r}")
+        for name in ("transform_init_std", "beta_a_init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ConfigError(f"model option {name} must be a positive number, got {value!r}")
+        if isinstance(self.beta_a_init_mean, bool) or not isinstance(self.beta_a_init_mean, (int, float)) \
+                or not math.isfinite(self.beta_a_init_mean):
+            raise ConfigError(f"model option beta_a_init_mean must be a finite number, got {self.beta_a_init_mean!r}")
         if isinstance(self.routing, dict):  # built from a saved configuration
             object.__setattr__(self, "routing", EMRoutingConfig(**self.routing))
 
@@ -102,8 +119,24 @@ PRESETS: dict[str, CapsNetConfig] = {
 }
 
 
-def preset(name: str, **changes: Any) -> CapsNetConfig:
-    """The named preset, optionally with some fields changed."""
+#: Every model name ``--model`` accepts: the capsule presets and the CNN baseline.
+MODEL_NAMES: tuple[str, ...] = (*PRESETS, CNN_BASELINE)
+
+#: A network's configuration: a capsule network or the CNN baseline.
+ModelConfig = Union[CapsNetConfig, CNNBaselineConfig]
+
+
+def preset(name: str, **changes: Any) -> ModelConfig:
+    """The named model (a capsule preset or ``cnn-baseline``), optionally with some fields changed."""
+    if name == CNN_BASELINE:
+        return CNNBaselineConfig(**changes)
     if name not in PRESETS:
-        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     return PRESETS[name].replace(**changes) if changes else PRESETS[name]
+
+
+def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:
+    """Inverse of ``config.to_dict()`` for either kind of network (told apart by ``architecture``)."""
+    if values.get("architecture") == CNN_BASELINE:
+        return CNNBaselineConfig.from_dict(values)
+    return CapsNetConfig.from_dict(values)

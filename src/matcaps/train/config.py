@@ -27,9 +27,10 @@ from typing import Any
 
 import yaml
 
+from matcaps.allocator import ALLOCATOR_REGIMES
 from matcaps.errors import ConfigError
 from matcaps.losses import MarginSchedule
-from matcaps.models import PRESETS, CapsNetConfig, preset
+from matcaps.models import CNN_BASELINE, MODEL_NAMES, CapsNetConfig, CNNBaselineConfig, ModelConfig, preset
 
 #: Data splits ``matcaps.data`` knows (train/test viewpoints of smallNORB).
 SPLITS: tuple[str, ...] = ("standard", "azimuth", "elevation")
@@ -42,8 +43,8 @@ MAX_ROUTING_ITERATIONS = 3
 CONFIG_SUFFIXES: tuple[str, ...] = (".toml", ".yaml", ".yml", ".json")
 #: Options that may differ from the saved configuration when a run is resumed.
 RESUMABLE_CHANGES: frozenset[str] = frozenset(
-    {"epochs", "max_steps", "workers", "device", "log_every", "histogram_every", "checkpoint_every",
-     "val_every", "val_batch_size", "progress", "data_root", "compile"}
+    {"epochs", "max_steps", "max_minutes", "workers", "device", "log_every", "histogram_every", "checkpoint_every",
+     "val_every", "val_batch_size", "progress", "data_root", "compile", "allocator"}
 )
 
 
@@ -75,8 +76,9 @@ class TrainConfig:
     val_size: int = _option(5000, "int", "validation images held out for datasets without "
                             "instances (MNIST-like)", "data")
     # Model.
-    model: str | None = _option(None, "str?", "architecture preset (default: smallnorb for "
-                                "smallNORB, mnist for 28x28 datasets)", "model", choices=tuple(PRESETS))
+    model: str | None = _option(None, "str?", "architecture: a capsule preset (default: smallnorb for "
+                                "smallNORB, mnist for 28x28 datasets) or cnn-baseline, Hinton et al.'s CNN "
+                                "trained with softmax cross-entropy", "model", choices=MODEL_NAMES)
     iters: int | None = _option(None, "int?", "EM routing iterations, 1 to 3 (default: the preset's, 2)", "model")
     routing_impl: str | None = _option(None, "str?", "routing implementation: fused (default) or "
                                        "naive (plain autograd)", "model", choices=("fused", "naive"))
@@ -85,6 +87,9 @@ class TrainConfig:
     # Optimisation.
     epochs: int = _option(500, "int", "training epochs (IBM's published curve: 500)", "optimisation")
     max_steps: int | None = _option(None, "int?", "stop after this many steps (overrides --epochs)", "optimisation")
+    max_minutes: float | None = _option(None, "float?", "stop cleanly after this many minutes of training, with a "
+                                        "checkpoint that --resume continues (a time box per invocation)",
+                                        "optimisation")
     batch_size: int = _option(64, "int", "global batch size (split over processes)", "optimisation")
     lr: float = _option(3e-3, "float", "Adam learning rate", "optimisation")
     lr_decay: float = _option(0.96, "float", "learning-rate factor per --lr-decay-steps (applied "
@@ -106,6 +111,9 @@ class TrainConfig:
     precision: str = _option("fp32", "str", "fp32; bf16 autocast (CUDA only); fp64 (numerical checks)", "execution",
                              choices=PRECISIONS)
     compile: bool = _option(False, "bool", "torch.compile the model (the fused routing itself runs eagerly)", "execution")
+    allocator: str = _option("tuned", "str", "C allocator regime set at process start: tuned (glibc mallopt "
+                             "thresholds raised; faster, see matcaps bench --allocator) or default", "execution",
+                             choices=ALLOCATOR_REGIMES)
     # Monitoring.
     val_every: int = _option(1, "int", "validate every N epochs (0: never)", "monitoring")
     val_batch_size: int = _option(256, "int", "batch size of validation", "monitoring")
@@ -208,6 +216,8 @@ def validate(config: TrainConfig) -> None:
     for name in ("workers", "val_every", "histogram_every", "checkpoint_every"):
         if getattr(config, name) < 0:
             raise ConfigError(f"option {name} must not be negative, got {getattr(config, name)!r}")
+    if config.max_minutes is not None and not (math.isfinite(config.max_minutes) and config.max_minutes > 0):
+        raise ConfigError(f"option max_minutes must be a positive number of minutes, got {config.max_minutes!r}")
     if config.max_steps is not None and config.max_steps < 1:
         raise ConfigError(f"option max_steps must be at least 1, got {config.max_steps!r}")
     if not (math.isfinite(config.lr) and config.lr > 0):
@@ -228,8 +238,10 @@ def default_model_name(dataset: str) -> str:
     return "smallnorb" if dataset == "smallnorb" else "mnist"
 
 
-def resolve_model_config(config: TrainConfig, num_classes: int, image_size: int, channels: int) -> CapsNetConfig:
+def resolve_model_config(config: TrainConfig, num_classes: int, image_size: int, channels: int) -> ModelConfig:
     """The network to train: preset → dataset shape → ``model_options`` → ``iters``/``routing_impl``."""
+    if config.model == CNN_BASELINE:
+        return _resolve_cnn_config(config, num_classes, image_size, channels)
     base = preset(config.model or default_model_name(config.dataset))
     merged = base.replace(num_classes=num_classes, image_size=image_size, in_channels=channels).to_dict()
     options = dict(config.model_options)
@@ -256,6 +268,22 @@ def resolve_model_config(config: TrainConfig, num_classes: int, image_size: int,
             f"routing iterations must be between 1 and {MAX_ROUTING_ITERATIONS}, got {model_config.routing.iterations}"
         )
     return model_config
+
+
+def _resolve_cnn_config(config: TrainConfig, num_classes: int, image_size: int, channels: int) -> CNNBaselineConfig:
+    """The CNN baseline for the dataset's shape, with ``model_options`` applied."""
+    for name in ("iters", "routing_impl"):
+        if getattr(config, name) is not None:
+            raise ConfigError(f"option {name} applies to capsule networks, not to {CNN_BASELINE}")
+    options = dict(config.model_options)
+    if "num_classes" in options and options["num_classes"] != num_classes:
+        raise ConfigError(f"model option num_classes={options['num_classes']} does not match the {num_classes} "
+                          f"classes of dataset {config.dataset}")
+    values = {"num_classes": num_classes, "image_size": image_size, "in_channels": channels, **options}
+    try:
+        return CNNBaselineConfig.from_dict(values)
+    except TypeError as error:
+        raise ConfigError(f"invalid model options: {error}") from None
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -88,12 +88,12 @@ def all_reduce_sum(values: torch.Tensor, context: DistributedContext) -> torch.T
     return values
 
 
-def all_agree(flag: bool, context: DistributedContext) -> bool:
-    """True only if ``flag`` is true on every process."""
+def all_agree(flag: bool, context: DistributedContext, any_process: bool = False) -> bool:
+    """True only if ``flag`` is true on every process (with ``any_process``: on at least one)."""
     if not context.distributed:
         return flag
     value = torch.tensor([1.0 if flag else 0.0], device=context.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX if any_process else dist.ReduceOp.MIN)
     return bool(value.item() > 0.5)
 
 

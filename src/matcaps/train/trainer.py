@@ -36,8 +36,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from matcaps.errors import CheckpointError, ConfigError
 from matcaps.layers import InputNorm
-from matcaps.losses import l2_penalty, regularised_parameters, spread_loss
-from matcaps.models import CapsNet, CapsNetConfig, build_model, count_parameters
+from matcaps.losses import classification_loss, l2_penalty, regularised_parameters
+from matcaps.models import ModelConfig, build_model, count_parameters, model_config_from_dict
 from matcaps.routing import release_workspace
 from matcaps.train.checkpoint import (
     BEST_CHECKPOINT,
@@ -57,6 +57,10 @@ from matcaps.train.validation import EvaluationCounts, autocast_context, evaluat
 MIB = 1024**2
 #: ``ru_maxrss`` is in KiB on Linux and in bytes on macOS.
 RUSAGE_UNIT = 1 if sys.platform == "darwin" else 1024
+#: Samples of the batch whose routing is traced, iteration by iteration, for the histograms.
+TRACE_SAMPLES = 8
+#: Seconds per minute, for ``--max-minutes``.
+SECONDS_PER_MINUTE = 60.0
 
 
 @dataclass
@@ -118,6 +122,17 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * RUSAGE_UNIT / MIB
 
 
+def format_duration(seconds: float) -> str:
+    """``1h02m``, ``12m05s`` or ``42s``: a duration for log lines."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
 def seed_everything(seed: int) -> None:
     """Seed torch, numpy and python ``random`` (model initialisation draws from torch's)."""
     torch.manual_seed(seed)
@@ -130,7 +145,8 @@ class Trainer:
 
     Args:
         config: The run's options.
-        model_config: The network (see :func:`~matcaps.train.config.resolve_model_config`).
+        model_config: The network, a capsule network or the CNN baseline (see
+            :func:`~matcaps.train.config.resolve_model_config`).
         train_set: Items ``(image (C, S, S) float32, label int64)``; may have ``set_epoch(epoch)``.
         val_set: Same items, or None (no validation; ``best.pt`` is not written).
         run_dir: Where checkpoints and metrics go (None: nothing is written).
@@ -142,7 +158,7 @@ class Trainer:
     def __init__(
         self,
         config: TrainConfig,
-        model_config: CapsNetConfig,
+        model_config: ModelConfig,
         train_set: Dataset,
         val_set: Dataset | None = None,
         run_dir: str | Path | None = None,
@@ -171,7 +187,7 @@ class Trainer:
 
         seed_everything(config.seed)  # identical initial weights on every process
         self.dtype = torch.float64 if config.precision == "fp64" else torch.float32
-        self.model: CapsNet = build_model(model_config).to(self.device, self.dtype)
+        self.model: nn.Module = build_model(model_config).to(self.device, self.dtype)
         if self.context.distributed and isinstance(self.model.input_norm, InputNorm):
             self.model.input_norm.synchronise()  # batch statistics of the global batch
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
@@ -191,9 +207,15 @@ class Trainer:
         self.writer: NullWriter = NullWriter()
         self._captured: dict[str, Tensor] = {}
         self._capture = False
-        if not config.compile:
-            for name, layer in self.model.capsule_layers().items():
+        self._routing_inputs: dict[str, tuple[Tensor, Tensor]] = {}
+        capsule_layers = getattr(self.model, "capsule_layers", None)
+        if not config.compile and capsule_layers is not None:
+            for name, layer in capsule_layers().items():
                 layer.register_forward_hook(self._make_capture_hook(name))
+        self._started = time.monotonic()
+        self._log_due = False
+        self._gradient_norms: dict[str, float] = {}
+        self.stopped_by_time = False
         self._window = _Window()
         self.last_val: EvaluationCounts | None = None
         self.last_train_loss: float | None = None
@@ -226,6 +248,8 @@ class Trainer:
         def hook(module: nn.Module, inputs: Any, outputs: tuple[Tensor, Tensor]) -> None:
             if self._capture:
                 self._captured[name] = outputs[1].detach()
+                if hasattr(module, "trace") and len(inputs) == 2:  # a routed layer: keep a few inputs to trace
+                    self._routing_inputs[name] = tuple(t.detach()[:TRACE_SAMPLES] for t in inputs)  # type: ignore[assignment]
 
         return hook
 
@@ -257,7 +281,11 @@ class Trainer:
 
     def load_checkpoint(self, payload: dict[str, Any]) -> None:
         """Continue from a checkpoint written by :meth:`save_checkpoint`."""
-        if payload["model_config"] != self.model_config.to_dict():
+        try:  # normalised: a checkpoint written before a model option existed holds its default implicitly
+            saved_model = model_config_from_dict(payload["model_config"]).to_dict()
+        except (ConfigError, TypeError) as error:
+            raise CheckpointError(f"the checkpoint's model configuration is invalid: {error}") from None
+        if saved_model != self.model_config.to_dict():
             raise CheckpointError("the checkpoint's model differs from the configured one")
         try:
             self.model.load_state_dict(payload["model"])
@@ -279,8 +307,8 @@ class Trainer:
         margin = self.margin()
         with autocast_context(self.device, self.config.precision):
             output = self.network(images)
-        activations = output.activations.to(torch.promote_types(self.dtype, torch.float32))
-        loss = spread_loss(activations, labels, margin)
+        scores = output.scores.to(torch.promote_types(self.dtype, torch.float32))
+        loss = classification_loss(self.model.loss_kind, scores, labels, margin)
         total = loss
         if self.config.weight_decay > 0:
             total = loss + l2_penalty(regularised_parameters(self.model), self.config.weight_decay)
@@ -301,7 +329,11 @@ class Trainer:
             self.state.skipped_steps += 1
         self.scheduler.step()
         self.state.step += 1
-        correct = (activations.detach().argmax(dim=1) == labels).sum()
+        if self._capture or self._log_due:
+            self._gradient_norms = {
+                name: float(p.grad.norm()) for name, p in self.model.named_parameters() if p.grad is not None
+            }
+        correct = (scores.detach().argmax(dim=1) == labels).sum()
         return loss.detach(), correct, applied
 
     # ------------------------------------------------------------------ monitoring
@@ -325,14 +357,37 @@ class Trainer:
         }
         self.last_train_loss = values["loss"]
         self.writer.scalars("train", self.state.step, self.state.epoch, values)
+        if self._gradient_norms:
+            self.writer.scalars("grad_norm", self.state.step, self.state.epoch, self._gradient_norms)
+        self.writer.flush()  # a run killed mid-epoch keeps every logged step
+        if not self.config.progress:
+            remaining = (self.total_steps - self.state.step) * values["step_time_s"]
+            self.log(
+                f"step {self.state.step}/{self.total_steps} epoch {self.state.epoch + 1}: loss {values['loss']:.4f}, "
+                f"accuracy {values['accuracy']:.4f}, {values['images_per_s']:.1f} images/s, "
+                f"ETA {format_duration(remaining)}"
+            )
 
     def _log_histograms(self) -> None:
+        """Activations per layer and per EM iteration, ``β_a``/``β_v``, and gradient norms."""
         for name, activations in self._captured.items():
             self.writer.histogram(f"activations/{name}", self.state.step, activations)
         for name, parameter in self.model.named_parameters():
             if name.endswith(("beta_a", "beta_v")):
                 self.writer.histogram(f"beta/{name}", self.state.step, parameter)
+        layers = getattr(self.model, "capsule_layers", dict)()
+        with torch.no_grad():
+            for name, (poses, activations) in self._routing_inputs.items():
+                for iteration, trace in enumerate(layers[name].trace(poses, activations), start=1):
+                    self.writer.histogram(f"routing/{name}/iteration{iteration}/activations", self.state.step,
+                                          trace.activations)
+                    self.writer.histogram(f"routing/{name}/iteration{iteration}/log_variance", self.state.step,
+                                          trace.variance.log())
+        if self._gradient_norms:
+            self.writer.histogram("grad_norm/all_parameters", self.state.step,
+                                  torch.tensor(list(self._gradient_norms.values())))
         self._captured.clear()
+        self._routing_inputs.clear()
 
     def validate(self) -> EvaluationCounts | None:
         """Score the validation set; keep ``best.pt`` if the accuracy improved."""
@@ -382,10 +437,14 @@ class Trainer:
             f"({self.context.world_size} process(es)), {self.steps_per_epoch} steps/epoch, "
             f"{self.total_steps} steps in all" + (f", run directory {self.run_dir}" if self.run_dir else "")
         )
+        self._started = time.monotonic()
         try:
             self._fit()
         finally:
             self.writer.close()
+        if self.stopped_by_time:
+            self.log(f"stopped at step {self.state.step} after the time limit of {self.config.max_minutes:g} "
+                     f"minute(s); continue with --resume")
         return TrainResult(
             step=self.state.step, epoch=self.state.epoch, skipped_steps=self.state.skipped_steps,
             best_val_accuracy=self.state.best_val_accuracy if self.state.best_step >= 0 else None,
@@ -408,7 +467,7 @@ class Trainer:
             self._window = _Window()
             for images, labels in loader:
                 self._run_batch(images, labels, bar)
-                if self.state.step >= self.total_steps:
+                if self.state.step >= self.total_steps or self._out_of_time():
                     break
             if bar is not None:
                 bar.close()
@@ -419,9 +478,20 @@ class Trainer:
                 self.state.batch_in_epoch = 0
                 self.save_checkpoint()
             self.writer.flush()
+            if self.stopped_by_time:
+                break
         if self.val_set is not None and config.val_every and self.state.validated_step != self.state.step:
             self.validate()  # the run stopped mid-epoch (--max-steps)
         self.save_checkpoint()
+
+    def _out_of_time(self) -> bool:
+        """True (on every process alike) once ``--max-minutes`` have passed since :meth:`fit` began."""
+        if self.config.max_minutes is None:
+            return False
+        elapsed = time.monotonic() - self._started
+        self.stopped_by_time = all_agree(elapsed >= self.config.max_minutes * SECONDS_PER_MINUTE, self.context,
+                                         any_process=True)
+        return self.stopped_by_time
 
     def _run_batch(self, images: Tensor, labels: Tensor, bar: Any) -> None:
         """Train on one batch; then log, write histograms and checkpoint as due, and call the hook."""
@@ -430,6 +500,7 @@ class Trainer:
         images = images.to(self.device, self.dtype, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True).long().view(-1)
         self._capture = config.histogram_every > 0 and (self.state.step + 1) % config.histogram_every == 0
+        self._log_due = (self.state.step + 1) % config.log_every == 0
         loss, correct, applied = self.train_step(images, labels)
         self._capture = False
         self.state.batch_in_epoch += 1

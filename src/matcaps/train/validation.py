@@ -1,4 +1,4 @@
-"""Scoring a model on a dataset: confusion matrix and mean spread loss, optionally sharded over processes."""
+"""Scoring a model on a dataset: confusion matrix and mean training loss (spread or cross-entropy), optionally sharded over processes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from matcaps.losses import spread_loss
+from matcaps.losses import classification_loss
 from matcaps.train.distributed import DistributedContext, all_reduce_sum
 
 
@@ -19,7 +19,7 @@ class EvaluationCounts:
 
     Attributes:
         confusion: ``(K, K)`` int64 counts, rows = true class, columns = predicted class.
-        loss_sum: Sum over images of the spread loss at the given margin.
+        loss_sum: Sum over images of the model's training loss (spread loss at the given margin, or cross-entropy).
     """
 
     confusion: Tensor
@@ -36,7 +36,7 @@ class EvaluationCounts:
 
     @property
     def loss(self) -> float:
-        """Mean spread loss per image."""
+        """Mean training loss per image."""
         return self.loss_sum / max(self.total, 1)
 
     def per_class_accuracy(self) -> list[float]:
@@ -83,7 +83,7 @@ def evaluate_model(
         dataset: Items ``(image (1, S, S), label)``.
         num_classes: ``K``.
         batch_size: Images per forward pass.
-        margin: Margin of the reported spread loss.
+        margin: Margin of the reported spread loss (capsule networks).
         device: Where to compute.
         context: Process group to shard over (None: this process scores everything).
         workers: Data-loader workers.
@@ -97,6 +97,7 @@ def evaluate_model(
     loader = DataLoader(shard(dataset, context), batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda")
     dtype = next(model.parameters()).dtype
+    loss_kind = getattr(model, "loss_kind", "spread")
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     batches = loader
@@ -109,10 +110,10 @@ def evaluate_model(
             images = images.to(device, dtype=dtype, non_blocking=True)
             labels = labels.to(device, non_blocking=True).long().view(-1)
             with autocast_context(device, precision):
-                activations = model(images).activations.to(torch.promote_types(dtype, torch.float32))
-            predictions = activations.argmax(dim=1)
+                scores = model(images).scores.to(torch.promote_types(dtype, torch.float32))
+            predictions = scores.argmax(dim=1)
             confusion += torch.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes)
-            loss_sum += spread_loss(activations, labels, margin).double() * labels.numel()
+            loss_sum += classification_loss(loss_kind, scores, labels, margin).double() * labels.numel()
     finally:
         model.train(was_training)
     totals = all_reduce_sum(torch.cat([confusion.double(), loss_sum.view(1)]), context)

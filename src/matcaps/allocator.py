@@ -30,6 +30,9 @@ TUNED_MMAP_THRESHOLD = 1 << 30
 #: the largest ``int``): in practice never, so freed blocks are reused without page faults.
 TUNED_TRIM_THRESHOLD = (1 << 31) - 1
 
+#: The regimes :func:`apply_allocator` knows.
+ALLOCATOR_REGIMES: tuple[str, ...] = ("tuned", "default")
+
 TUNED_SETTINGS: dict[str, int] = {
     "M_MMAP_THRESHOLD": TUNED_MMAP_THRESHOLD,
     "M_TRIM_THRESHOLD": TUNED_TRIM_THRESHOLD,
@@ -58,6 +61,8 @@ def apply_allocator(name: str) -> dict[str, Any]:
         ``default`` and wherever ``tuned`` is not possible (no glibc), with the reason in
         ``note``.
     """
+    if name not in ALLOCATOR_REGIMES:
+        raise ValueError(f"unknown allocator regime {name!r}; choose one of {', '.join(ALLOCATOR_REGIMES)}")
     version = glibc_version()
     record: dict[str, Any] = {"name": name, "applied": False, "settings": {}, "glibc": version, "note": ""}
     if name == "default":
