@@ -253,3 +253,19 @@ def _mean_cross_entropy(model: torch.nn.Module, dataset) -> torch.Tensor:
         loss = torch.nn.functional.cross_entropy(model(images).logits, labels)
     model.train(was_training)
     return loss
+
+
+def test_val_every_steps_adds_mid_epoch_validations_and_keeps_resumption_exact(tmp_path):
+    config = tiny_config(epochs=2, val_every_steps=2, checkpoint_every=3)  # 5 steps per epoch
+    model_config = tiny_model_config(config)
+    val_set = TinyImages(16, seed=1, augment=False)
+    train_run(config, model_config, TinyImages(40), val_set, tmp_path / "whole")
+    assert [r["step"] for r in read_metrics(tmp_path / "whole") if r["phase"] == "val"] == [2, 4, 5, 6, 8, 10]
+    with pytest.raises(Crash):
+        train_run(config, model_config, TinyImages(40), val_set, tmp_path / "killed", step_hook=crash_at(8))
+    train_run(config, model_config, TinyImages(40), val_set, tmp_path / "killed", resume=True)
+    assert state_dicts_equal(load_checkpoint(tmp_path / "killed" / LAST_CHECKPOINT)["model"],
+                             load_checkpoint(tmp_path / "whole" / LAST_CHECKPOINT)["model"])  # fmt: skip
+    best = load_checkpoint(tmp_path / "whole" / BEST_CHECKPOINT)
+    val = [r for r in read_metrics(tmp_path / "whole") if r["phase"] == "val"]
+    assert best["state"]["best_val_accuracy"] == max(r["accuracy"] for r in val)

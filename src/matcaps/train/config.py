@@ -44,7 +44,7 @@ CONFIG_SUFFIXES: tuple[str, ...] = (".toml", ".yaml", ".yml", ".json")
 #: Options that may differ from the saved configuration when a run is resumed.
 RESUMABLE_CHANGES: frozenset[str] = frozenset(
     {"epochs", "max_steps", "max_minutes", "workers", "device", "log_every", "histogram_every", "checkpoint_every",
-     "val_every", "val_batch_size", "progress", "data_root", "compile", "allocator"}
+     "val_every", "val_every_steps", "val_batch_size", "progress", "data_root", "compile", "allocator"}
 )
 
 
@@ -116,6 +116,8 @@ class TrainConfig:
                              choices=ALLOCATOR_REGIMES)
     # Monitoring.
     val_every: int = _option(1, "int", "validate every N epochs (0: never)", "monitoring")
+    val_every_steps: int = _option(0, "int", "also validate every N steps, mid-epoch (0: only at epoch ends); for "
+                                   "learning curves such as the steps to a given validation accuracy", "monitoring")
     val_batch_size: int = _option(256, "int", "batch size of validation", "monitoring")
     log_every: int = _option(100, "int", "log training scalars every N steps", "monitoring")
     histogram_every: int = _option(1000, "int", "log activation and beta histograms every N steps "
@@ -213,7 +215,7 @@ def validate(config: TrainConfig) -> None:
     for name in positive:
         if getattr(config, name) < 1:
             raise ConfigError(f"option {name} must be at least 1, got {getattr(config, name)!r}")
-    for name in ("workers", "val_every", "histogram_every", "checkpoint_every"):
+    for name in ("workers", "val_every", "val_every_steps", "histogram_every", "checkpoint_every"):
         if getattr(config, name) < 0:
             raise ConfigError(f"option {name} must not be negative, got {getattr(config, name)!r}")
     if config.max_minutes is not None and not (math.isfinite(config.max_minutes) and config.max_minutes > 0):

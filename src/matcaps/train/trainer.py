@@ -520,6 +520,8 @@ class Trainer:
             if window.count:
                 bar.set_postfix(loss=f"{window.loss_sum / window.count:.4f}", acc=f"{window.correct / window.count:.3f}",
                                 img_s=f"{window.images_per_s(config.batch_size):.0f}", refresh=False)  # fmt: skip
+        if config.val_every_steps and step % config.val_every_steps == 0 and self.state.batch_in_epoch < self.steps_per_epoch:
+            self.validate()  # mid-epoch; an epoch's last step is validated by the epoch end
         if config.checkpoint_every and step % config.checkpoint_every == 0:
             self.save_checkpoint()
         if self.step_hook is not None:
