@@ -6,10 +6,11 @@ a dataset, in exactly the published binary formats and with the real file names
 downloaded them), so that::
 
     write_tiny_smallnorb(tmp_path)
-    prepare("smallnorb", tmp_path, download=False, progress=False)
+    prepare("smallnorb", tmp_path, download=False, progress=False, verify=False)
     splits = load_splits(DataConfig(dataset="smallnorb", root=tmp_path))
 
-works.  The images carry a learnable signal: a bright square whose position depends on
+works (``verify=False``, ``--no-verify`` on the command line: these are not the official
+files, so their MD5 sums are not the published ones).  The images carry a learnable signal: a bright square whose position depends on
 the label, over low-amplitude noise, so a model can fit them in a few steps.
 """
 

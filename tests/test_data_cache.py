@@ -19,7 +19,7 @@ from matcaps.errors import DataFormatError, DatasetNotFoundError
 
 def test_smallnorb_cache_content_matches_raw_files(tmp_path: Path) -> None:
     raw = write_tiny_smallnorb(tmp_path, instances_per_split=1)
-    cache = prepare("smallnorb", tmp_path, download=False, progress=False)
+    cache = prepare("smallnorb", tmp_path, download=False, progress=False, verify=False)
     assert cache == tmp_path / "smallnorb" / "prepared"
     manifest = json.loads((cache / "manifest.json").read_text())
     pairs = 5 * 1 * 2 * 4  # categories × instances × elevations × azimuths
@@ -43,19 +43,19 @@ def test_smallnorb_cache_content_matches_raw_files(tmp_path: Path) -> None:
 
 def test_mnist_cache_and_second_prepare_is_a_no_op(tmp_path: Path) -> None:
     write_tiny_mnist(tmp_path, "fashion-mnist", n_train=30, n_test=10)
-    cache = prepare("fashion-mnist", tmp_path, download=False, progress=False)
+    cache = prepare("fashion-mnist", tmp_path, download=False, progress=False, verify=False)
     assert np.load(cache / "train_images.npy").shape == (30, 28, 28)
     assert np.load(cache / "test_labels.npy").tolist() == list(range(10))
     stamp = (cache / "manifest.json").stat().st_mtime_ns
     os.utime(cache / "manifest.json", ns=(stamp - 10**9, stamp - 10**9))
-    prepare("fashion-mnist", tmp_path, download=False, progress=False)
+    prepare("fashion-mnist", tmp_path, download=False, progress=False, verify=False)
     assert (cache / "manifest.json").stat().st_mtime_ns == stamp - 10**9  # not rebuilt
 
 
 def test_user_files_in_root_uncompressed_are_accepted(tmp_path: Path) -> None:
     write_tiny_smallnorb(tmp_path, instances_per_split=1, compress=False, directory=tmp_path)
     assert (tmp_path / f"{SMALLNORB_TRAIN_STEM}-dat.mat").is_file()
-    cache = prepare("smallnorb", tmp_path, download=False, progress=False)
+    cache = prepare("smallnorb", tmp_path, download=False, progress=False, verify=False)
     assert json.loads((cache / "manifest.json").read_text())["sources"]["train_dat"]["file"].endswith("-dat.mat")
 
 
@@ -63,9 +63,9 @@ def test_mnist_files_are_not_taken_from_root_itself(tmp_path: Path) -> None:
     """MNIST and Fashion-MNIST share file names: files directly in ROOT would be ambiguous."""
     write_tiny_mnist(tmp_path, directory=tmp_path)
     with pytest.raises(DatasetNotFoundError, match="train-images-idx3-ubyte.gz"):
-        prepare("mnist", tmp_path, download=False, progress=False)
+        prepare("mnist", tmp_path, download=False, progress=False, verify=False)
     write_tiny_mnist(tmp_path, directory=tmp_path / "mnist")  # ROOT/<name>/ is fine
-    prepare("mnist", tmp_path, download=False, progress=False)
+    prepare("mnist", tmp_path, download=False, progress=False, verify=False)
     assert is_valid_cache("mnist", tmp_path)
 
 
@@ -82,7 +82,7 @@ def test_interrupted_prepare_leaves_nothing_valid_and_rerun_works(tmp_path: Path
 
     monkeypatch.setattr(cache_module, "_write_manifest", fail)
     with pytest.raises(KeyboardInterrupt):
-        prepare("smallnorb", tmp_path, download=False, progress=False)
+        prepare("smallnorb", tmp_path, download=False, progress=False, verify=False)
     assert not cache_dir("smallnorb", tmp_path).exists()
     assert not is_valid_cache("smallnorb", tmp_path)
     assert [p.name for p in (tmp_path / "smallnorb").iterdir()] == ["raw"]  # temp dir cleaned up
@@ -90,7 +90,7 @@ def test_interrupted_prepare_leaves_nothing_valid_and_rerun_works(tmp_path: Path
         load_splits(DataConfig(root=tmp_path))
 
     monkeypatch.undo()
-    prepare("smallnorb", tmp_path, download=False, progress=False)
+    prepare("smallnorb", tmp_path, download=False, progress=False, verify=False)
     assert len(load_splits(DataConfig(root=tmp_path, validation=False)).train) == 80
 
 
@@ -107,7 +107,7 @@ def test_killed_prepare_leftovers_are_ignored_and_removed(tmp_path: Path) -> Non
     assert not is_valid_cache("smallnorb", tmp_path)
     with pytest.raises(DatasetNotFoundError):
         load_splits(DataConfig(root=tmp_path, validation=False))
-    prepare("smallnorb", tmp_path, download=False, progress=False)
+    prepare("smallnorb", tmp_path, download=False, progress=False, verify=False)
     assert is_valid_cache("smallnorb", tmp_path)
     assert not leftover.exists()
     assert sorted(p.name for p in (tmp_path / "smallnorb").iterdir()) == ["prepared", "raw"]
@@ -115,41 +115,41 @@ def test_killed_prepare_leftovers_are_ignored_and_removed(tmp_path: Path) -> Non
 
 def test_failed_force_rebuild_keeps_the_old_cache(tmp_path: Path, monkeypatch) -> None:
     write_tiny_smallnorb(tmp_path, instances_per_split=1)
-    prepare("smallnorb", tmp_path, download=False, progress=False)
+    prepare("smallnorb", tmp_path, download=False, progress=False, verify=False)
 
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(cache_module, "save_array", fail)
     with pytest.raises(OSError, match="disk full"):
-        prepare("smallnorb", tmp_path, download=False, force=True, progress=False)
+        prepare("smallnorb", tmp_path, download=False, force=True, progress=False, verify=False)
     assert is_valid_cache("smallnorb", tmp_path)
 
 
 def test_damaged_cache_is_reported_then_rebuilt(tmp_path: Path) -> None:
     write_tiny_smallnorb(tmp_path, instances_per_split=1)
-    cache = prepare("smallnorb", tmp_path, download=False, progress=False)
+    cache = prepare("smallnorb", tmp_path, download=False, progress=False, verify=False)
     images = cache / "test_images.npy"
     images.write_bytes(images.read_bytes()[:1000])  # truncated array
     with pytest.raises(DataFormatError, match=r"test_images\.npy.*--force"):
         load_splits(DataConfig(root=tmp_path, validation=False))
-    prepare("smallnorb", tmp_path, download=False, progress=False)  # invalid → rebuilt
+    prepare("smallnorb", tmp_path, download=False, progress=False, verify=False)  # invalid → rebuilt
     assert len(load_splits(DataConfig(root=tmp_path, validation=False)).test) == 80
 
     manifest = cache / "manifest.json"
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format_version": 999}))
     assert not is_valid_cache("smallnorb", tmp_path)
-    prepare("smallnorb", tmp_path, download=False, force=False, progress=False)
+    prepare("smallnorb", tmp_path, download=False, force=False, progress=False, verify=False)
     assert json.loads(manifest.read_text())["format_version"] == cache_module.CACHE_FORMAT_VERSION
 
 
 def test_force_rebuilds_from_new_raw_files(tmp_path: Path) -> None:
     write_tiny_smallnorb(tmp_path, instances_per_split=1)
-    prepare("smallnorb", tmp_path, download=False, progress=False)
+    prepare("smallnorb", tmp_path, download=False, progress=False, verify=False)
     write_tiny_smallnorb(tmp_path, instances_per_split=2)
-    prepare("smallnorb", tmp_path, download=False, progress=False)
+    prepare("smallnorb", tmp_path, download=False, progress=False, verify=False)
     assert len(load_splits(DataConfig(root=tmp_path, validation=False)).train) == 80  # stale but valid
-    prepare("smallnorb", tmp_path, download=False, force=True, progress=False)
+    prepare("smallnorb", tmp_path, download=False, force=True, progress=False, verify=False)
     assert len(load_splits(DataConfig(root=tmp_path, validation=False)).train) == 160
 
 
@@ -158,14 +158,14 @@ def test_inconsistent_raw_files_name_the_file(tmp_path: Path) -> None:
     cat = raw / f"{SMALLNORB_TRAIN_STEM}-cat.mat.gz"
     write_norb(cat, read_norb(cat)[:-1])  # one label fewer than image pairs
     with pytest.raises(DataFormatError, match=rf"{cat.name}.*expected 40 int32 labels.*shape \[39\]"):
-        prepare("smallnorb", tmp_path, download=False, progress=False)
+        prepare("smallnorb", tmp_path, download=False, progress=False, verify=False)
     assert not is_valid_cache("smallnorb", tmp_path)
 
     write_tiny_smallnorb(tmp_path, instances_per_split=1)
     dat = raw / f"{SMALLNORB_TEST_STEM}-dat.mat.gz"
     write_norb(dat, read_norb(dat)[:, 0])  # lost the stereo axis
     with pytest.raises(DataFormatError, match=rf"{dat.name}.*stereo"):
-        prepare("smallnorb", tmp_path, download=False, progress=False)
+        prepare("smallnorb", tmp_path, download=False, progress=False, verify=False)
 
     write_tiny_smallnorb(tmp_path, instances_per_split=1)
     info = raw / f"{SMALLNORB_TRAIN_STEM}-info.mat.gz"
@@ -173,15 +173,16 @@ def test_inconsistent_raw_files_name_the_file(tmp_path: Path) -> None:
     table[0, 2] = 3  # odd azimuth code
     write_norb(info, table)
     with pytest.raises(DataFormatError, match=rf"{info.name}.*azimuth.*\[3\]"):
-        prepare("smallnorb", tmp_path, download=False, progress=False)
+        prepare("smallnorb", tmp_path, download=False, progress=False, verify=False)
 
 
 def test_truncated_norb_image_file_fails_prepare(tmp_path: Path) -> None:
     raw = write_tiny_smallnorb(tmp_path, instances_per_split=1, compress=False)
     dat = raw / f"{SMALLNORB_TEST_STEM}-dat.mat"
     dat.write_bytes(dat.read_bytes()[:-96])
-    with pytest.raises(DataFormatError, match=rf"{dat.name}.*truncated.*expected {80 * 96 * 96} bytes"):
-        prepare("smallnorb", tmp_path, download=False, progress=False)
+    total = 24 + 80 * 96 * 96  # header + data
+    with pytest.raises(DataFormatError, match=rf"{dat.name}: truncated.*announces {total} bytes.*only {total - 96}\b"):
+        prepare("smallnorb", tmp_path, download=False, progress=False, verify=False)
     assert not is_valid_cache("smallnorb", tmp_path)
     assert sorted(p.name for p in (tmp_path / "smallnorb").iterdir()) == ["raw"]
 
@@ -191,5 +192,5 @@ def test_truncated_raw_image_file_fails_prepare(tmp_path: Path) -> None:
     images = raw / "t10k-images-idx3-ubyte"
     images.write_bytes(images.read_bytes()[:-50])
     with pytest.raises(DataFormatError, match=r"t10k-images-idx3-ubyte.*truncated"):
-        prepare("mnist", tmp_path, download=False, progress=False)
+        prepare("mnist", tmp_path, download=False, progress=False, verify=False)
     assert not is_valid_cache("mnist", tmp_path)

@@ -13,21 +13,21 @@ from matcaps.data import is_valid_cache
 
 def test_data_command_prepares_and_reports(tmp_path: Path, capsys) -> None:
     write_tiny_smallnorb(tmp_path, instances_per_split=1)
-    assert main(["data", "smallnorb", "--root", str(tmp_path), "--no-download", "--quiet"]) == 0
+    assert main(["data", "smallnorb", "--root", str(tmp_path), "--no-download", "--no-verify", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert f"prepared in {tmp_path / 'smallnorb' / 'prepared'}" in out
     assert "train: 80 images of 96x96 uint8" in out and "test: 80 images" in out
     assert is_valid_cache("smallnorb", tmp_path)
 
-    assert main(["data", "smallnorb", "--root", str(tmp_path), "--no-download", "--quiet"]) == 0
+    assert main(["data", "smallnorb", "--root", str(tmp_path), "--no-download", "--no-verify", "--quiet"]) == 0
     assert "already prepared" in capsys.readouterr().out
-    assert main(["data", "smallnorb", "--root", str(tmp_path), "--no-download", "--force", "--quiet"]) == 0
+    assert main(["data", "smallnorb", "--root", str(tmp_path), "--no-download", "--force", "--no-verify", "--quiet"]) == 0
     assert "already" not in capsys.readouterr().out
 
 
 def test_data_command_mnist(tmp_path: Path, capsys) -> None:
     write_tiny_mnist(tmp_path, "fashion-mnist", n_train=20, n_test=10)
-    assert main(["data", "fashion-mnist", "--root", str(tmp_path), "--no-download", "--quiet"]) == 0
+    assert main(["data", "fashion-mnist", "--root", str(tmp_path), "--no-download", "--no-verify", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "train: 20 images of 28x28" in out and "Ankle boot" in out
 
@@ -45,7 +45,7 @@ def test_missing_files_without_download_is_one_line_exit_2(tmp_path: Path, capsy
 def test_corrupted_file_is_one_line_exit_2(tmp_path: Path, capsys) -> None:
     raw = write_tiny_mnist(tmp_path, compress=False)
     (raw / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05\x01")
-    assert main(["data", "mnist", "--root", str(tmp_path), "--no-download", "--quiet"]) == 2
+    assert main(["data", "mnist", "--root", str(tmp_path), "--no-download", "--no-verify", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train-labels-idx1-ubyte" in err[0] and "truncated" in err[0]
 

@@ -7,6 +7,7 @@ import http.server
 import re
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from data_fixtures import write_tiny_mnist
 from matcaps.data import DataConfig, load_splits, prepare
 from matcaps.data.download import download_file, part_path
-from matcaps.data.sources import SourceFile
+from matcaps.data.sources import source_files
 from matcaps.errors import DownloadError
 
 PAYLOAD = bytes(range(256)) * 400  # 102,400 bytes
@@ -125,9 +126,7 @@ def test_prepare_downloads_missing_files_from_mirrors(server, tmp_path: Path, mo
     fixture_dir = write_tiny_mnist(tmp_path / "fixture", n_train=30, n_test=10)
     server.files = {f"good/{p.name}": p.read_bytes() for p in fixture_dir.iterdir()}
     mirrors = (server.base + "dead/", server.base + "good/")
-    sources = tuple(SourceFile(key, name, mirrors) for key, name in [
-        ("train_images", "train-images-idx3-ubyte.gz"), ("train_labels", "train-labels-idx1-ubyte.gz"),
-        ("test_images", "t10k-images-idx3-ubyte.gz"), ("test_labels", "t10k-labels-idx1-ubyte.gz")])
+    sources = tuple(replace(source, mirrors=mirrors) for source in source_files("mnist"))
     monkeypatch.setattr("matcaps.data.cache.source_files", lambda name: sources)
     root = tmp_path / "data"
     # one file already there (decompressed), one half-downloaded
@@ -137,7 +136,7 @@ def test_prepare_downloads_missing_files_from_mirrors(server, tmp_path: Path, mo
     (root / "mnist" / "raw").mkdir()
     part_path(root / "mnist" / "raw" / "train-images-idx3-ubyte.gz").write_bytes(
         (fixture_dir / "train-images-idx3-ubyte.gz").read_bytes()[:100])
-    prepare("mnist", root, progress=False)
+    prepare("mnist", root, progress=False, verify=False)  # the fixture files are not the official ones
     splits = load_splits(DataConfig(dataset="mnist", root=root, val_size=5))
     assert len(splits.train) == 25 and len(splits.test) == 10
     fetched = [path for path, _ in server.requests if path.startswith("/good/")]
@@ -147,7 +146,7 @@ def test_prepare_downloads_missing_files_from_mirrors(server, tmp_path: Path, mo
 
 
 def test_failed_download_explains_manual_placement(server, tmp_path: Path, monkeypatch) -> None:
-    sources = (SourceFile("train_images", "nothing.gz", (server.base + "dead/",)),)
+    sources = (replace(source_files("mnist")[0], filename="nothing.gz", mirrors=(server.base + "dead/",)),)
     monkeypatch.setattr("matcaps.data.cache.source_files", lambda name: sources)
     with pytest.raises(DownloadError) as error:
         prepare("mnist", tmp_path, progress=False)

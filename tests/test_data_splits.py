@@ -18,10 +18,11 @@ FAMILIAR_AZIMUTHS = {300, 320, 340, 0, 20, 40}
 @pytest.fixture(scope="module")
 def norb_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("norb")
-    # every azimuth and elevation code, 3 training instances per category
+    # every azimuth and elevation code, 3 training instances per category (96×96 images, as smallNORB
+    # must have; uncompressed, which is quicker to write)
     write_tiny_smallnorb(root, instances_per_split=3, azimuths=tuple(range(0, 35, 2)), elevations=tuple(range(9)),
-                         image_size=8)
-    prepare("smallnorb", root, download=False, progress=False)
+                         compress=False)
+    prepare("smallnorb", root, download=False, progress=False, verify=False)
     return root
 
 
@@ -104,7 +105,7 @@ def test_elevation_split(norb_root: Path) -> None:
 
 def test_mnist_hold_out_is_seeded_and_disjoint(tmp_path: Path) -> None:
     write_tiny_mnist(tmp_path, n_train=100, n_test=20)
-    prepare("mnist", tmp_path, download=False, progress=False)
+    prepare("mnist", tmp_path, download=False, progress=False, verify=False)
     a = load_splits(DataConfig(dataset="mnist", root=tmp_path, val_size=25, seed=1))
     b = load_splits(DataConfig(dataset="mnist", root=tmp_path, val_size=25, seed=1))
     c = load_splits(DataConfig(dataset="mnist", root=tmp_path, val_size=25, seed=2))

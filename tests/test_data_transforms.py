@@ -113,7 +113,7 @@ def test_sample_seed_depends_on_every_part() -> None:
 def norb_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("norb")
     write_tiny_smallnorb(root)
-    prepare("smallnorb", root, download=False, progress=False)
+    prepare("smallnorb", root, download=False, progress=False, verify=False)
     return root
 
 
@@ -169,7 +169,7 @@ def test_dataloader_workers_give_the_same_batches_and_see_set_epoch(norb_root: P
 
 def test_mnist_items(tmp_path: Path) -> None:
     write_tiny_mnist(tmp_path, n_train=40, n_test=10)
-    prepare("mnist", tmp_path, download=False, progress=False)
+    prepare("mnist", tmp_path, download=False, progress=False, verify=False)
     splits = load_splits(DataConfig(dataset="mnist", root=tmp_path, val_size=8))
     image, label = splits.train[0]
     assert image.shape == (1, 28, 28) and label.dtype == torch.int64

@@ -92,7 +92,7 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
 def test_matcaps_train_under_torchrun_matches_a_single_process(tmp_path):
     """The real launcher: ``torchrun --standalone --nproc-per-node 2 -m matcaps train`` on the tiny smallNORB."""
     write_tiny_smallnorb(tmp_path / "data")
-    prepare("smallnorb", tmp_path / "data", download=False, progress=False)
+    prepare("smallnorb", tmp_path / "data", download=False, progress=False, verify=False)
     options = ["--data-root", str(tmp_path / "data"), "--batch-size", "8", "--max-steps", "6", "--workers", "0",
                "--no-progress", "--precision", "fp64", "--device", "cpu", "--log-every", "2"]  # fmt: skip
     options += [item for key, value in TINY_MODEL_OPTIONS.items() for item in ("--model-option", f"{key}={value}")]

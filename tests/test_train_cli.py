@@ -34,7 +34,7 @@ def _one_thread(single_thread):
 def data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     write_tiny_smallnorb(root)
-    prepare("smallnorb", root, download=False, progress=False)
+    prepare("smallnorb", root, download=False, progress=False, verify=False)
     return root
 
 

@@ -5,14 +5,16 @@ Public API::
     from matcaps.data import (DATASET_NAMES, DatasetInfo, dataset_info,
                               DataConfig, DataSplits, prepare, load_splits)
 
-    prepare("smallnorb", "data")                 # download + parse + cache (once)
+    prepare("smallnorb", "data")                 # download + verify + parse + cache (once)
     splits = load_splits(DataConfig(dataset="smallnorb", root=Path("data")))
     image, label = splits.train[0]               # (1, 32, 32) float32, int64 scalar
 
 Modules: :mod:`~matcaps.data.norb_format` and :mod:`~matcaps.data.idx_format` (binary
 file formats), :mod:`~matcaps.data.download` (resumable downloads),
-:mod:`~matcaps.data.sources` (what each dataset is), :mod:`~matcaps.data.cache`
-(atomic preparation), :mod:`~matcaps.data.transforms` (IBM's augmentation),
+:mod:`~matcaps.data.sources` (what each dataset is and what its files must hold),
+:mod:`~matcaps.data.checksums` (MD5 sums of the official files),
+:mod:`~matcaps.data.raw_checks` (headers, shapes and values checked before use),
+:mod:`~matcaps.data.cache` (atomic preparation), :mod:`~matcaps.data.transforms` (IBM's augmentation),
 :mod:`~matcaps.data.datasets` (torch datasets), :mod:`~matcaps.data.splits`
 (train / validation / test and the novel-viewpoint splits).
 """

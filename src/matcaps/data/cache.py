@@ -1,9 +1,13 @@
 """Preparing a dataset once into a compact, memory-mappable cache.
 
-``prepare(name, root)`` parses the raw files (downloading the missing ones) and writes::
+``prepare(name, root)`` finds the raw files (downloading the missing ones), checks them
+(:mod:`~matcaps.data.checksums`: MD5 against the official releases unless
+``verify=False``; :mod:`~matcaps.data.raw_checks`: every header against the dataset's
+layout and the file's real size before anything is allocated), parses them and writes::
 
     ROOT/<dataset>/prepared/
-        manifest.json          counts, shapes, format version, source files and sizes
+        manifest.json          counts, shapes, format version, source files, sizes and
+                               MD5 sums, whether they were verified
         train_images.npy       (N, H, W) uint8      smallNORB: H = W = 96, MNIST: 28
         train_labels.npy       (N,) int64
         train_info.npy         (N, 4) int16         smallNORB only: instance, elevation,
@@ -17,7 +21,8 @@ the cache keeps the source pixels exactly, so resizing choices stay in the trans
 Atomicity: everything is written into a fresh ``.prepared.tmp-<pid>-<n>`` directory,
 fsynced, the manifest written last, and the directory renamed to ``prepared`` as the
 final step.  A cache is valid only with a readable manifest of the current
-:data:`CACHE_FORMAT_VERSION` whose arrays exist with the announced shapes, so a prepare
+:data:`CACHE_FORMAT_VERSION` whose arrays exist with the announced shapes (and, for a
+verifying prepare, whose manifest says ``"verified": true``), so a prepare
 that is killed midway never leaves something that later looks valid; the next prepare
 removes its leftovers and rebuilds.  With several processes (DDP), prepare on one rank
 and make the others wait (a barrier) before :func:`~matcaps.data.load_splits`: concurrent
@@ -38,10 +43,14 @@ from tqdm import tqdm
 
 from matcaps.errors import DataFormatError, DatasetNotFoundError, DownloadError
 from matcaps.fsutil import fsync_directory
+from matcaps.data.checksums import ChecksumError, verify_digest
 from matcaps.data.download import download_file
-from matcaps.data.idx_format import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, read_idx
-from matcaps.data.norb_format import read_norb, read_norb_header, stream_norb_data
+from matcaps.data.fileio import FileDigest, digest_file
+from matcaps.data.idx_format import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, read_idx, read_idx_header
+from matcaps.data.norb_format import NorbHeader, read_norb, read_norb_header, stream_norb_data
+from matcaps.data.raw_checks import check_codes, check_header, check_instances
 from matcaps.data.sources import (
+    SMALLNORB_SPLIT_INSTANCES,
     SourceFile,
     check_dataset_name,
     dataset_dir,
@@ -135,13 +144,17 @@ def read_manifest(cache: Path, name: str) -> dict:
     return manifest
 
 
-def is_valid_cache(name: str, root: Path | str) -> bool:
-    """Whether ``ROOT/<dataset>/prepared`` is a complete cache of the current version."""
+def is_valid_cache(name: str, root: Path | str, verified: bool = False) -> bool:
+    """Whether ``ROOT/<dataset>/prepared`` is a complete cache of the current version.
+
+    With ``verified``, also whether it was built from raw files whose checksums were
+    verified (a cache from ``--no-verify``, or from before verification existed, is not).
+    """
     try:
-        read_manifest(cache_dir(name, root), name)
+        manifest = read_manifest(cache_dir(name, root), name)
     except (DataFormatError, DatasetNotFoundError):
         return False
-    return True
+    return not verified or manifest.get("verified") is True
 
 
 # ----------------------------------------------------------------------------- sources
@@ -191,6 +204,25 @@ def _download_source(name: str, root: Path, source: SourceFile, progress: bool) 
     )
 
 
+def inspect_sources(name: str, sources: dict[str, Path], verify: bool, progress: bool) -> dict[str, FileDigest]:
+    """Size and MD5 of every raw file (decompressed under the official size as a cap), verified if asked.
+
+    Raises:
+        DataFormatError: a file is unreadable, a damaged gzip stream, or larger than the official file.
+        ChecksumError: ``verify`` and a file is not the official one.
+    """
+    specs = {source.key: source for source in source_files(name)}
+    total = sum(specs[key].layout.max_file_bytes for key in sources)
+    digests = {}
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"checking {name}",
+              disable=not progress, leave=False) as bar:
+        for key, path in sorted(sources.items()):
+            digests[key] = digest_file(path, specs[key].layout.max_file_bytes, on_bytes=bar.update)
+            if verify:
+                verify_digest(name, specs[key], digests[key])
+    return digests
+
+
 # ----------------------------------------------------------------------------- writers
 
 
@@ -205,38 +237,37 @@ def save_array(path: Path, array: np.ndarray) -> None:
     _fsync_file(path)
 
 
-def _check_codes(path: Path, what: str, values: np.ndarray, allowed: frozenset[int]) -> None:
-    bad = np.setdiff1d(np.unique(values), np.fromiter(allowed, dtype=np.int64))
-    if bad.size:
-        raise DataFormatError(
-            f"{path}: invalid {what} values {bad[:5].tolist()}; expected values in {sorted(allowed)}"
-        )
+def _checked_norb_header(path: Path, source: SourceFile, digest: FileDigest) -> NorbHeader:
+    header = read_norb_header(path)
+    check_header(path, source.layout, header.dtype, header.shape, header.header_bytes, digest.content_bytes)
+    return header
 
 
-def _prepare_norb_split(split: str, sources: dict[str, Path], out: Path, bar: tqdm) -> dict:
-    dat, cat, info = (sources[f"{split}_{part}"] for part in ("dat", "cat", "info"))
-    header = read_norb_header(dat)
-    if header.dtype != np.uint8 or len(header.shape) != 4 or header.shape[1] != NORB_STEREO:
-        raise DataFormatError(
-            f"{dat}: expected uint8 stereo images of shape (pairs, 2, height, width), "
-            f"found {header.dtype} of shape {list(header.shape)}"
-        )
+def _prepare_norb_split(
+    split: str, sources: dict[str, Path], specs: dict[str, SourceFile], digests: dict[str, FileDigest],
+    out: Path, bar: tqdm,
+) -> dict:
+    keys = [f"{split}_{part}" for part in ("dat", "cat", "info")]
+    dat, cat, info = (sources[key] for key in keys)
+    # every header against the layout and the real size before reading anything
+    header, cat_header, info_header = (_checked_norb_header(sources[k], specs[k], digests[k]) for k in keys)
     pairs, _, height, width = header.shape
-    labels = read_norb(cat)
-    if labels.shape != (pairs,) or labels.dtype != np.int32:
+    if cat_header.shape != (pairs,):
         raise DataFormatError(
             f"{cat}: expected {pairs} int32 labels (shape [{pairs}]) to match {dat.name}, "
-            f"found {labels.dtype} of shape {list(labels.shape)}"
+            f"found {cat_header.dtype} of shape {list(cat_header.shape)}"
         )
-    _check_codes(cat, "category", labels, frozenset(range(dataset_info("smallnorb").num_classes)))
-    table = read_norb(info)
-    if table.shape != (pairs, len(NORB_INFO_COLUMNS)) or table.dtype != np.int32:
+    if info_header.shape[0] != pairs:
         raise DataFormatError(
             f"{info}: expected int32 info of shape [{pairs}, {len(NORB_INFO_COLUMNS)}] to match {dat.name}, "
-            f"found {table.dtype} of shape {list(table.shape)}"
+            f"found {info_header.dtype} of shape {list(info_header.shape)}"
         )
+    labels = read_norb(cat)
+    check_codes(cat, "category", labels, frozenset(range(dataset_info("smallnorb").num_classes)))
+    table = read_norb(info)
     for column, field in enumerate(NORB_INFO_COLUMNS):
-        _check_codes(info, field, table[:, column], NORB_INFO_CODES[field])
+        check_codes(info, field, table[:, column], NORB_INFO_CODES[field])
+    check_instances(info, split, table[:, NORB_INFO_COLUMNS.index("instance")], SMALLNORB_SPLIT_INSTANCES[split])
 
     count = pairs * NORB_STEREO
     images_path = out / split_file(split, "images")
@@ -259,15 +290,24 @@ def _prepare_norb_split(split: str, sources: dict[str, Path], out: Path, bar: tq
     }
 
 
-def _prepare_idx_split(name: str, split: str, sources: dict[str, Path], out: Path, bar: tqdm) -> dict:
+def _prepare_idx_split(
+    name: str, split: str, sources: dict[str, Path], specs: dict[str, SourceFile], digests: dict[str, FileDigest],
+    out: Path, bar: tqdm,
+) -> dict:
+    counts = {}
+    for key, magic in ((f"{split}_images", IDX_IMAGES_MAGIC), (f"{split}_labels", IDX_LABELS_MAGIC)):
+        header = read_idx_header(sources[key], expected_magic=magic)  # checked before reading anything
+        counts[key] = check_header(sources[key], specs[key].layout, header.dtype, header.shape,
+                                   header.header_bytes, digests[key].content_bytes)
     images_path, labels_path = sources[f"{split}_images"], sources[f"{split}_labels"]
+    if counts[f"{split}_labels"] != counts[f"{split}_images"]:
+        raise DataFormatError(
+            f"{labels_path}: {counts[f'{split}_labels']} labels but {images_path.name} has "
+            f"{counts[f'{split}_images']} images"
+        )
     images = read_idx(images_path, expected_magic=IDX_IMAGES_MAGIC)
     labels = read_idx(labels_path, expected_magic=IDX_LABELS_MAGIC)
-    if labels.shape != (images.shape[0],):
-        raise DataFormatError(
-            f"{labels_path}: {labels.shape[0]} labels but {images_path.name} has {images.shape[0]} images"
-        )
-    _check_codes(labels_path, "label", labels, frozenset(range(dataset_info(name).num_classes)))
+    check_codes(labels_path, "label", labels, frozenset(range(dataset_info(name).num_classes)))
     save_array(out / split_file(split, "images"), images)
     save_array(out / split_file(split, "labels"), labels.astype(np.int64))
     bar.update(images.nbytes)
@@ -278,10 +318,10 @@ def _prepare_idx_split(name: str, split: str, sources: dict[str, Path], out: Pat
     }
 
 
-def _total_bytes(name: str, sources: dict[str, Path]) -> int | None:
+def _total_bytes(name: str, digests: dict[str, FileDigest]) -> int | None:
     if name != "smallnorb":
         return None
-    return sum(read_norb_header(sources[f"{split}_dat"]).data_bytes for split in SPLIT_NAMES)
+    return sum(digests[f"{split}_dat"].content_bytes for split in SPLIT_NAMES)
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:
@@ -290,21 +330,43 @@ def _write_manifest(out: Path, manifest: dict) -> None:
     _fsync_file(path)
 
 
-def build_cache(name: str, sources: dict[str, Path], out: Path, progress: bool) -> dict:
-    """Write every array and, last, the manifest of ``name`` into the empty directory ``out``."""
+def build_cache(
+    name: str, sources: dict[str, Path], out: Path, progress: bool, digests: dict[str, FileDigest], verified: bool
+) -> dict:
+    """Write every array and, last, the manifest of ``name`` into the empty directory ``out``.
+
+    Args:
+        name: the dataset.
+        sources: path of every raw file, by key.
+        out: an empty directory.
+        progress: show a progress bar.
+        digests: :func:`inspect_sources` of ``sources`` (real sizes and sums).
+        verified: whether the sums were verified against the official ones (recorded).
+    """
+    specs = {source.key: source for source in source_files(name)}
     splits = {}
-    with tqdm(total=_total_bytes(name, sources), unit="B", unit_scale=True, unit_divisor=1024,
+    with tqdm(total=_total_bytes(name, digests), unit="B", unit_scale=True, unit_divisor=1024,
               desc=f"preparing {name}", disable=not progress, leave=False) as bar:
         for split in SPLIT_NAMES:
             if name == "smallnorb":
-                splits[split] = _prepare_norb_split(split, sources, out, bar)
+                splits[split] = _prepare_norb_split(split, sources, specs, digests, out, bar)
             else:
-                splits[split] = _prepare_idx_split(name, split, sources, out, bar)
+                splits[split] = _prepare_idx_split(name, split, sources, specs, digests, out, bar)
     manifest = {
         "format_version": CACHE_FORMAT_VERSION,
         "dataset": name,
         "splits": splits,
-        "sources": {key: {"file": path.name, "bytes": path.stat().st_size} for key, path in sorted(sources.items())},
+        "verified": verified,
+        "sources": {
+            key: {
+                "file": path.name,
+                "bytes": digests[key].file_bytes,
+                "md5": digests[key].file_md5,
+                "content_bytes": digests[key].content_bytes,
+                "content_md5": digests[key].content_md5,
+            }
+            for key, path in sorted(sources.items())
+        },
     }
     _write_manifest(out, manifest)
     fsync_directory(out)
@@ -366,6 +428,7 @@ def prepare(
     download: bool = True,
     force: bool = False,
     progress: bool = True,
+    verify: bool = True,
 ) -> Path:
     """Make sure ``ROOT/<name>/prepared`` holds a valid cache and return its path.
 
@@ -375,6 +438,10 @@ def prepare(
         download: fetch missing raw files (else a missing file is an error).
         force: rebuild even if a valid cache exists.
         progress: show tqdm progress bars on stderr.
+        verify: accept only the official raw files (MD5 of the file or of its
+            decompressed content, :mod:`~matcaps.data.checksums`); a cache built without
+            verification is rebuilt (and verified) by a verifying prepare.  False for
+            your own data or test fixtures; the manifest records it.
 
     Returns:
         The cache directory.
@@ -382,23 +449,35 @@ def prepare(
     Raises:
         DatasetNotFoundError: raw files missing and ``download`` is False.
         DownloadError: a raw file could not be downloaded.
-        DataFormatError: a raw file is corrupted (the message names it).
+        ChecksumError: ``verify`` and a raw file is not the official one.
+        DataFormatError: a raw file is corrupted or does not hold what the dataset
+            must (the message names it).
     """
     check_dataset_name(name)
     root = Path(root)
     cache = cache_dir(name, root)
-    if not force and is_valid_cache(name, root):
+    if not force and is_valid_cache(name, root, verified=verify):
         return cache
     sources = locate_sources(name, root, download, progress)
     remove_leftovers(cache.parent)
-    tmp = _fresh_dir(cache.parent, TMP_PREFIX)
+    tmp: Path | None = None
     try:
-        build_cache(name, sources, tmp, progress)
+        digests = inspect_sources(name, sources, verify, progress)
+        tmp = _fresh_dir(cache.parent, TMP_PREFIX)
+        build_cache(name, sources, tmp, progress, digests, verified=verify)
         _swap_into_place(tmp, cache)
+    except ChecksumError:
+        _remove(tmp)
+        raise  # its message says what to do
     except DataFormatError as error:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise DataFormatError(f"{error} (replace or delete the damaged file and rerun to download it again)") from error
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
     return cache
+
+
+def _remove(tmp: Path | None) -> None:
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -8,14 +8,16 @@ Inconsistencies raise :class:`~matcaps.errors.DataFormatError` naming the file.
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from matcaps.errors import DataFormatError
-from matcaps.data.fileio import check_at_end, open_maybe_gzip, read_exactly, write_maybe_gzip
+from matcaps.data.fileio import check_at_end, check_plain_size, open_maybe_gzip, read_exactly, write_maybe_gzip
 
 #: Type byte → element type (big-endian for the multi-byte ones).
 IDX_TYPE_TO_DTYPE: dict[int, np.dtype] = {
@@ -48,12 +50,33 @@ class IdxHeader:
 
     @property
     def data_bytes(self) -> int:
-        """Size of the data that follows the header."""
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        """Size of the data that follows the header (exact: Python integers never overflow)."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _read_header(handle: BinaryIO, path: Path, expected_magic: int | None) -> IdxHeader:
+    magic = struct.unpack(">I", read_exactly(handle, 4, path, "IDX header"))[0]
+    zero, type_code, ndim = magic >> 16, (magic >> 8) & 0xFF, magic & 0xFF
+    if zero != 0 or type_code not in IDX_TYPE_TO_DTYPE or ndim == 0:
+        raise DataFormatError(f"{path}: not an IDX file: magic 0x{magic:08X}")
+    if expected_magic is not None and magic != expected_magic:
+        raise DataFormatError(f"{path}: wrong IDX magic 0x{magic:08X}, expected 0x{expected_magic:08X}")
+    dims = struct.unpack(f">{ndim}I", read_exactly(handle, 4 * ndim, path, "IDX dimensions"))
+    return IdxHeader(magic, IDX_TYPE_TO_DTYPE[type_code], tuple(int(d) for d in dims), 4 + 4 * ndim)
+
+
+def read_idx_header(path: Path | str, expected_magic: int | None = None) -> IdxHeader:
+    """Parse only the header of the IDX file ``path`` (gzipped or not)."""
+    path = Path(path)
+    with open_maybe_gzip(path) as handle:
+        return _read_header(handle, path, expected_magic)
 
 
 def read_idx(path: Path | str, expected_magic: int | None = None) -> np.ndarray:
     """Read a whole IDX file (gzipped or not).
+
+    Never allocates more than the file really holds: an uncompressed file's size is
+    compared with what the header announces first, and data are read in chunks.
 
     Args:
         path: the file.
@@ -64,14 +87,8 @@ def read_idx(path: Path | str, expected_magic: int | None = None) -> np.ndarray:
     """
     path = Path(path)
     with open_maybe_gzip(path) as handle:
-        magic = struct.unpack(">I", read_exactly(handle, 4, path, "IDX header"))[0]
-        zero, type_code, ndim = magic >> 16, (magic >> 8) & 0xFF, magic & 0xFF
-        if zero != 0 or type_code not in IDX_TYPE_TO_DTYPE or ndim == 0:
-            raise DataFormatError(f"{path}: not an IDX file: magic 0x{magic:08X}")
-        if expected_magic is not None and magic != expected_magic:
-            raise DataFormatError(f"{path}: wrong IDX magic 0x{magic:08X}, expected 0x{expected_magic:08X}")
-        dims = struct.unpack(f">{ndim}I", read_exactly(handle, 4 * ndim, path, "IDX dimensions"))
-        header = IdxHeader(magic, IDX_TYPE_TO_DTYPE[type_code], tuple(int(d) for d in dims), 4 + 4 * ndim)
+        header = _read_header(handle, path, expected_magic)
+        check_plain_size(handle, path, header.header_bytes + header.data_bytes)
         raw = read_exactly(handle, header.data_bytes, path, "IDX data")
         check_at_end(handle, path, header.header_bytes + header.data_bytes)
     return np.frombuffer(raw, dtype=header.dtype).reshape(header.shape).astype(header.dtype.newbyteorder("="))

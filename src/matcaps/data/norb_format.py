@@ -18,6 +18,7 @@ what was expected; a wrong array is never returned silently.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,14 @@ from typing import BinaryIO
 import numpy as np
 
 from matcaps.errors import DataFormatError
-from matcaps.data.fileio import GZIP_ERRORS, check_at_end, open_maybe_gzip, read_exactly, write_maybe_gzip
+from matcaps.data.fileio import (
+    GZIP_ERRORS,
+    check_at_end,
+    check_plain_size,
+    open_maybe_gzip,
+    read_exactly,
+    write_maybe_gzip,
+)
 
 #: Magic number → element type.
 NORB_MAGIC_TO_DTYPE: dict[int, np.dtype] = {
@@ -70,8 +78,8 @@ class NorbHeader:
 
     @property
     def count(self) -> int:
-        """Number of elements."""
-        return int(np.prod(self.shape, dtype=np.int64))
+        """Number of elements (exact: Python integers never overflow)."""
+        return math.prod(self.shape)
 
     @property
     def data_bytes(self) -> int:
@@ -115,6 +123,7 @@ def read_norb(path: Path | str) -> np.ndarray:
     path = Path(path)
     with open_maybe_gzip(path) as handle:
         header = _read_header(handle, path)
+        check_plain_size(handle, path, header.header_bytes + header.data_bytes)
         raw = read_exactly(handle, header.data_bytes, path, "NORB data")
         check_at_end(handle, path, header.header_bytes + header.data_bytes)
     return np.frombuffer(raw, dtype=header.dtype).reshape(header.shape).astype(header.dtype.newbyteorder("="))
@@ -152,6 +161,7 @@ def stream_norb_data(
                 f"{path}: expected {expected_count} elements, the header announces {header.count} "
                 f"(shape {list(header.shape)})"
             )
+        check_plain_size(handle, path, header.header_bytes + header.data_bytes)
         done = 0
         while done < header.data_bytes:
             step = min(CHUNK_BYTES, header.data_bytes - done)

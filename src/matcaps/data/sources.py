@@ -8,8 +8,11 @@ share their file names, so they are never taken from ``ROOT/`` directly.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from matcaps.errors import ConfigError
 
@@ -67,6 +70,49 @@ def dataset_info(name: str) -> DatasetInfo:
 
 
 @dataclass(frozen=True)
+class RawLayout:
+    """What the matrix stored in one raw file must be, checked before anything is allocated.
+
+    The official files hold ``(N, *item_shape)`` matrices; a file of the dataset may hold
+    fewer items (a subset, the test fixtures) but never more, nor other item shapes.
+
+    Attributes:
+        what: what one item is, for messages (``"images"``, ``"labels"``, ...).
+        dtype: element type (byte order aside).
+        item_shape: shape of one item, after the leading count ``N``: ``(28, 28)`` for an
+            MNIST image, ``()`` for a label, ``(2, 96, 96)`` for a smallNORB stereo pair.
+        max_count: ``N`` of the official file.
+        header_bytes: size of the file's header (IDX: ``4 + 4·ndim``; NORB: ``8 + 4·max(ndim, 3)``).
+    """
+
+    what: str
+    dtype: str
+    item_shape: tuple[int, ...]
+    max_count: int
+    header_bytes: int
+
+    @property
+    def ndim(self) -> int:
+        """Number of dimensions of the whole matrix (the count included)."""
+        return 1 + len(self.item_shape)
+
+    @property
+    def item_bytes(self) -> int:
+        """Bytes per item."""
+        return math.prod(self.item_shape) * np.dtype(self.dtype).itemsize
+
+    @property
+    def max_file_bytes(self) -> int:
+        """Size of the official (decompressed) file: the largest acceptable one."""
+        return self.header_bytes + self.max_count * self.item_bytes
+
+    def describe(self) -> str:
+        """E.g. ``images: uint8 of shape (N, 28, 28) with 1 <= N <= 60000``."""
+        shape = ", ".join(["N", *(str(d) for d in self.item_shape)])
+        return f"{self.what}: {self.dtype} of shape ({shape}) with 1 <= N <= {self.max_count}"
+
+
+@dataclass(frozen=True)
 class SourceFile:
     """One raw file of a dataset.
 
@@ -74,11 +120,13 @@ class SourceFile:
         key: role of the file in the dataset, e.g. ``"train_images"``.
         filename: the published (gzipped) name, ending in ``.gz``.
         mirrors: base URLs (ending in ``/``) tried in order.
+        layout: what the file must hold.
     """
 
     key: str
     filename: str
     mirrors: tuple[str, ...]
+    layout: RawLayout
 
     @property
     def plain_name(self) -> str:
@@ -107,21 +155,61 @@ FASHION_MNIST_MIRRORS = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws
 SMALLNORB_TRAIN_STEM = "smallnorb-5x46789x9x18x6x2x96x96-training"
 SMALLNORB_TEST_STEM = "smallnorb-5x01235x9x18x6x2x96x96-testing"
 
+#: Object instances in each smallNORB split (NYU's page, and the "46789" / "01235" of the names).
+SMALLNORB_SPLIT_INSTANCES: dict[str, frozenset[int]] = {
+    "train": frozenset({4, 6, 7, 8, 9}),
+    "test": frozenset({0, 1, 2, 3, 5}),
+}
+
+#: Stereo pairs per smallNORB split: 5 categories × 5 instances × 9 elevations × 18 azimuths × 6 lightings.
+SMALLNORB_PAIRS = 24300
+
+#: Side of a smallNORB image.
+SMALLNORB_IMAGE_SIDE = 96
+
+#: Fields of one smallNORB ``-info`` row: instance, elevation, azimuth, lighting.
+SMALLNORB_INFO_FIELDS = 4
+
+#: Images per split of MNIST and Fashion-MNIST.
+DIGITS_TRAIN_COUNT = 60000
+DIGITS_TEST_COUNT = 10000
+
+#: Header sizes of the official files: NORB stores at least 3 dimensions (8 + 4·max(ndim, 3)
+#: bytes), IDX exactly ndim (4 + 4·ndim bytes).
+NORB_DAT_HEADER_BYTES = 8 + 4 * 4
+NORB_CAT_INFO_HEADER_BYTES = 8 + 4 * 3
+IDX_IMAGES_HEADER_BYTES = 4 + 4 * 3
+IDX_LABELS_HEADER_BYTES = 4 + 4 * 1
+
 
 def _smallnorb_sources() -> tuple[SourceFile, ...]:
+    side = SMALLNORB_IMAGE_SIDE
+    layouts = {
+        "dat": RawLayout("stereo image pairs", "uint8", (2, side, side), SMALLNORB_PAIRS, NORB_DAT_HEADER_BYTES),
+        "cat": RawLayout("category labels", "int32", (), SMALLNORB_PAIRS, NORB_CAT_INFO_HEADER_BYTES),
+        "info": RawLayout("info rows", "int32", (SMALLNORB_INFO_FIELDS,), SMALLNORB_PAIRS, NORB_CAT_INFO_HEADER_BYTES),
+    }
     files = []
     for split, stem in (("train", SMALLNORB_TRAIN_STEM), ("test", SMALLNORB_TEST_STEM)):
         for part in ("dat", "cat", "info"):
-            files.append(SourceFile(f"{split}_{part}", f"{stem}-{part}.mat.gz", SMALLNORB_MIRRORS))
+            files.append(SourceFile(f"{split}_{part}", f"{stem}-{part}.mat.gz", SMALLNORB_MIRRORS, layouts[part]))
     return tuple(files)
 
 
 def _idx_sources(mirrors: tuple[str, ...]) -> tuple[SourceFile, ...]:
+    side = DIGITS_INPUT_SIZE
+
+    def images(count: int) -> RawLayout:
+        return RawLayout("images", "uint8", (side, side), count, IDX_IMAGES_HEADER_BYTES)
+
+    def labels(count: int) -> RawLayout:
+        return RawLayout("labels", "uint8", (), count, IDX_LABELS_HEADER_BYTES)
+
     return (
-        SourceFile("train_images", "train-images-idx3-ubyte.gz", mirrors),
-        SourceFile("train_labels", "train-labels-idx1-ubyte.gz", mirrors),
-        SourceFile("test_images", "t10k-images-idx3-ubyte.gz", mirrors),
-        SourceFile("test_labels", "t10k-labels-idx1-ubyte.gz", mirrors),
+        SourceFile("train_images", "train-images-idx3-ubyte.gz", mirrors, images(DIGITS_TRAIN_COUNT)),
+        SourceFile("train_labels", "train-labels-idx1-ubyte.gz", mirrors, labels(DIGITS_TRAIN_COUNT)),
+        SourceFile("test_images", "t10k-images-idx3-ubyte.gz", mirrors, images(DIGITS_TEST_COUNT)),
+        SourceFile("test_labels", "t10k-labels-idx1-ubyte.gz", mirrors, labels(DIGITS_TEST_COUNT)),
     )
 
 
