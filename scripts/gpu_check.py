@@ -23,7 +23,7 @@ step's output goes to its own log, and what failed is listed in ``summary.json``
 
 Usage (on the GPU machine, from the repository root)::
 
-    python3 scripts/gpu_check.py OUT --raw gpu-data --budget 540
+    python3 scripts/gpu_check.py OUT --raw gpu-data --budget 570
 
 ``--dry-run`` runs the same flow on CPU with tiny time limits (to check the script itself).
 """
@@ -74,6 +74,11 @@ BASELINE_RUNS: list[tuple[str, list[str]]] = [
     ("fashion-cnn", ["--dataset", "fashion-mnist", "--model", "cnn-baseline", "--lr", "1e-3"]),
 ]
 DATASETS = ("mnist", "fashion-mnist")
+#: Pairs of short identical trainings: with --deterministic their weights must be bit-identical.
+DETERMINISM_RUNS: list[tuple[str, list[str]]] = [
+    ("det-a", ["--deterministic"]), ("det-b", ["--deterministic"]), ("nondet-a", []), ("nondet-b", []),
+]
+DETERMINISM_STEPS = 30
 
 
 @dataclass
@@ -173,6 +178,27 @@ def choose_winner(runs_root: Path, names: list[str]) -> tuple[str, dict]:
     return winner, {"step": step, "scores": scores, "curves": {n: sorted(c.items()) for n, c in curves.items()}}
 
 
+def compare_weights(root: Path, jobs: list[Job]) -> dict:
+    """Whether each pair of identical runs (``det-a``/``det-b``, ``nondet-a``/``nondet-b``) ended bit-identical."""
+    for job in jobs:
+        try:
+            job.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            job.stop()
+    import torch
+
+    result = {}
+    for pair in ("det", "nondet"):
+        try:
+            first, second = (torch.load(root / f"{pair}-{side}" / "last.pt", map_location="cpu", weights_only=True)["model"]
+                             for side in "ab")
+            differing = [name for name in first if not torch.equal(first[name], second[name])]
+            result[pair] = {"identical": not differing, "differing_tensors": differing}
+        except Exception as error:  # noqa: BLE001 - reported, never fatal
+            result[pair] = {"error": f"{type(error).__name__}: {error}"}
+    return result
+
+
 def pack(out: Path, runs_root: Path, clock: Clock) -> list[str]:
     """Tar the run directories into a few files under the device tool's size limit."""
     made = []
@@ -206,10 +232,10 @@ def main() -> int:
     parser.add_argument("out", type=Path, help="folder for the results (at most 8 files end up there)")
     parser.add_argument("--raw", type=Path, default=REPO / "gpu-data",
                         help="folder holding <dataset>/raw/*.gz for mnist and fashion-mnist")
-    parser.add_argument("--budget", type=float, default=540.0, help="seconds for everything")
+    parser.add_argument("--budget", type=float, default=570.0, help="seconds for everything")
     parser.add_argument("--sweep-seconds", type=float, default=150.0, help="seconds before the sweep is decided")
-    parser.add_argument("--reserve", type=float, default=55.0, help="seconds kept for testing and packing")
-    parser.add_argument("--min-training", type=float, default=330.0,
+    parser.add_argument("--reserve", type=float, default=60.0, help="seconds kept for testing and packing")
+    parser.add_argument("--min-training", type=float, default=400.0,
                         help="seconds of training the benchmarks must leave (they are cut short otherwise)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/matcaps-gpu"), help="scratch folder")
     parser.add_argument("--dry-run", action="store_true", help="the same flow on CPU with tiny limits")
@@ -248,7 +274,6 @@ def main() -> int:
     # 2. Benchmarks (before the trainings, so they have the GPU to themselves).
     bench_common = ["--device", device, "--warmup", "2", "--steps", "3" if args.dry_run else "8"]
     benches = [
-        ("bench-mnist-b64-fp32", ["--model", "mnist", "--batch-size", "64", "--iters", "2", "--impl", "fused", "naive"]),
         ("bench-smallnorb-b64-fp32", ["--model", "smallnorb", "--batch-size", "64", "--iters", "2", "--impl", "fused", "naive"]),
         ("bench-smallnorb-b64-bf16", ["--model", "smallnorb", "--batch-size", "64", "--iters", "2", "--impl", "fused",
                                       "--dtype", "bf16"]),
@@ -259,19 +284,20 @@ def main() -> int:
     for index, (name, flags) in enumerate(benches):
         checks = [] if index == 0 else ["--no-verify"]  # the implementations are compared once, in float64
         code = run(matcaps("bench", *flags, *bench_common, *checks, "--json", str(logs / f"{name}.json")),
-                   logs / f"{name}.txt", min((35, 30, 25)[index] if not args.dry_run else 60,
+                   logs / f"{name}.txt", min((35, 20)[index] if not args.dry_run else 60,
                                                         clock.left() - args.reserve - args.min_training), env)
         summary["phases"][name] = code
         if code != 0:
             summary["failures"].append(name)
     triton_check = REPO / "scripts" / "triton_check.py"
     if triton_check.exists() and not args.dry_run:
-        summary["phases"]["triton_check"] = run([PYTHON, str(triton_check)], logs / "triton-check.txt", 45, env)
+        summary["phases"]["triton_check"] = run([PYTHON, str(triton_check)], logs / "triton-check.txt",
+                                                min(40, clock.left() - args.reserve - args.min_training), env)
     log(out, clock, f"benchmarks done: {summary['phases']}")
 
     # 3. Trainings: sweep + baselines now, the winner's runs after the sweep, all until the deadline.
     deadline = args.budget - args.reserve
-    common = ["--data-root", str(data_root), "--device", device, "--no-progress", "--workers", "2",
+    common = ["--data-root", str(data_root), "--device", device, "--no-progress", "--workers", "1",
               "--log-every", "100", "--histogram-every", "2000", "--checkpoint-every", "1000", "--epochs", "200",
               "--val-every-steps", "150" if not args.dry_run else "4"]
     if args.dry_run:
@@ -292,10 +318,20 @@ def main() -> int:
     sweep_names = [f"sweep-{name}" for name in sweep]
     for name, flags in sweep.items():
         jobs[f"sweep-{name}"] = train(f"sweep-{name}", ["--dataset", "mnist", "--iters", "2", *flags])
+    determinism_root = work / "determinism"
+    determinism_jobs = [
+        Job(name, matcaps("train", "--run-dir", str(determinism_root / name), "--data-root", str(data_root), "--device",
+                          device, "--no-progress", "--workers", "0", "--dataset", "mnist", "--no-validation",
+                          "--max-steps", str(DETERMINISM_STEPS if not args.dry_run else 3), *flags),
+            logs / f"determinism-{name}.txt").start(env)
+        for name, flags in DETERMINISM_RUNS
+    ]
     log(out, clock, f"started {len(jobs)} trainings")
     sweep_end = clock.now() + args.sweep_seconds
     while clock.now() < sweep_end and any(jobs[n].running() for n in sweep_names):
         time.sleep(2)
+    summary["determinism"] = compare_weights(determinism_root, determinism_jobs)
+    log(out, clock, f"determinism: {summary['determinism']}")
     winner, decision = choose_winner(runs_root, sweep_names)
     winner_setting = winner.removeprefix("sweep-")
     summary["sweep"] = {"winner": winner_setting, "flags": SWEEP.get(winner_setting, []), **decision}

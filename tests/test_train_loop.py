@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -269,3 +270,14 @@ def test_val_every_steps_adds_mid_epoch_validations_and_keeps_resumption_exact(t
     best = load_checkpoint(tmp_path / "whole" / BEST_CHECKPOINT)
     val = [r for r in read_metrics(tmp_path / "whole") if r["phase"] == "val"]
     assert best["state"]["best_val_accuracy"] == max(r["accuracy"] for r in val)
+
+
+def test_deterministic_option_turns_on_deterministic_algorithms(tmp_path):
+    config = tiny_config(epochs=1, deterministic=True)
+    try:
+        trainer = Trainer(config, tiny_model_config(config), TinyImages(40))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+        trainer.fit()  # the routing's operations all have deterministic versions (an error would be raised)
+    finally:
+        torch.use_deterministic_algorithms(False)

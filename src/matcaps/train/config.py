@@ -44,7 +44,7 @@ CONFIG_SUFFIXES: tuple[str, ...] = (".toml", ".yaml", ".yml", ".json")
 #: Options that may differ from the saved configuration when a run is resumed.
 RESUMABLE_CHANGES: frozenset[str] = frozenset(
     {"epochs", "max_steps", "max_minutes", "workers", "device", "log_every", "histogram_every", "checkpoint_every",
-     "val_every", "val_every_steps", "val_batch_size", "progress", "data_root", "compile", "allocator"}
+     "val_every", "val_every_steps", "val_batch_size", "progress", "data_root", "compile", "allocator", "deterministic"}
 )
 
 
@@ -111,6 +111,9 @@ class TrainConfig:
     precision: str = _option("fp32", "str", "fp32; bf16 autocast (CUDA only); fp64 (numerical checks)", "execution",
                              choices=PRECISIONS)
     compile: bool = _option(False, "bool", "torch.compile the model (the fused routing itself runs eagerly)", "execution")
+    deterministic: bool = _option(False, "bool", "use only deterministic algorithms (torch.use_deterministic_algorithms; "
+                                  "on CUDA the routing's scatter-adds and cuBLAS become reproducible, a little "
+                                  "slower); CPU runs are deterministic anyway", "execution")
     allocator: str = _option("tuned", "str", "C allocator regime set at process start: tuned (glibc mallopt "
                              "thresholds raised; faster, see matcaps bench --allocator) or default", "execution",
                              choices=ALLOCATOR_REGIMES)

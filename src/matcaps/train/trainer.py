@@ -19,6 +19,7 @@ from ``(seed, epoch)``, so a run resumed from step ``k`` computes the same steps
 from __future__ import annotations
 
 import math
+import os
 import random
 import resource
 import sys
@@ -59,6 +60,8 @@ MIB = 1024**2
 RUSAGE_UNIT = 1 if sys.platform == "darwin" else 1024
 #: Samples of the batch whose routing is traced, iteration by iteration, for the histograms.
 TRACE_SAMPLES = 8
+#: cuBLAS workspace setting that makes its results reproducible (PyTorch's reproducibility notes).
+CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
 #: Seconds per minute, for ``--max-minutes``.
 SECONDS_PER_MINUTE = 60.0
 
@@ -133,6 +136,19 @@ def format_duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+def use_deterministic_algorithms() -> None:
+    """Make every operation reproducible, CUDA included (``--deterministic``).
+
+    ``index_add``/``index_select`` backward (the routing's cross-position normaliser) use
+    atomics on CUDA unless deterministic algorithms are requested; cuBLAS needs a fixed
+    workspace (``CUBLAS_WORKSPACE_CONFIG``, read when cuBLAS starts, so set it before the
+    first CUDA matrix product).
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 def seed_everything(seed: int) -> None:
     """Seed torch, numpy and python ``random`` (model initialisation draws from torch's)."""
     torch.manual_seed(seed)
@@ -185,6 +201,8 @@ class Trainer:
         self.schedule = config.margin_schedule()
         self.local_batch = config.batch_size // self.context.world_size
 
+        if config.deterministic:
+            use_deterministic_algorithms()
         seed_everything(config.seed)  # identical initial weights on every process
         self.dtype = torch.float64 if config.precision == "fp64" else torch.float32
         self.model: nn.Module = build_model(model_config).to(self.device, self.dtype)
