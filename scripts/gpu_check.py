@@ -179,7 +179,8 @@ def choose_winner(runs_root: Path, names: list[str]) -> tuple[str, dict]:
 
 
 def compare_weights(root: Path, jobs: list[Job]) -> dict:
-    """Whether each pair of identical runs (``det-a``/``det-b``, ``nondet-a``/``nondet-b``) ended bit-identical."""
+    """Whether pairs of runs ended bit-identical: two deterministic runs, two default runs, and a
+    deterministic run against one stopped half-way and resumed (resumption on the GPU)."""
     for job in jobs:
         try:
             job.process.wait(timeout=60)
@@ -188,10 +189,11 @@ def compare_weights(root: Path, jobs: list[Job]) -> dict:
     import torch
 
     result = {}
-    for pair in ("det", "nondet"):
+    pairs = {"det": ("det-a", "det-b"), "nondet": ("nondet-a", "nondet-b"), "resumed": ("det-a", "det-resumed")}
+    for pair, names in pairs.items():
         try:
-            first, second = (torch.load(root / f"{pair}-{side}" / "last.pt", map_location="cpu", weights_only=True)["model"]
-                             for side in "ab")
+            first, second = (torch.load(root / name / "last.pt", map_location="cpu", weights_only=True)["model"]
+                             for name in names)
             differing = [name for name in first if not torch.equal(first[name], second[name])]
             result[pair] = {"identical": not differing, "differing_tensors": differing}
         except Exception as error:  # noqa: BLE001 - reported, never fatal
@@ -319,13 +321,21 @@ def main() -> int:
     for name, flags in sweep.items():
         jobs[f"sweep-{name}"] = train(f"sweep-{name}", ["--dataset", "mnist", "--iters", "2", *flags])
     determinism_root = work / "determinism"
-    determinism_jobs = [
-        Job(name, matcaps("train", "--run-dir", str(determinism_root / name), "--data-root", str(data_root), "--device",
-                          device, "--no-progress", "--workers", "0", "--dataset", "mnist", "--no-validation",
-                          "--max-steps", str(DETERMINISM_STEPS if not args.dry_run else 3), *flags),
-            logs / f"determinism-{name}.txt").start(env)
-        for name, flags in DETERMINISM_RUNS
-    ]
+    steps = DETERMINISM_STEPS if not args.dry_run else 4
+
+    def short_run(name: str, max_steps: int, *flags: str) -> list[str]:
+        return matcaps("train", "--run-dir", str(determinism_root / name), "--data-root", str(data_root), "--device",
+                       device, "--no-progress", "--workers", "0", "--dataset", "mnist", "--no-validation",
+                       "--checkpoint-every", "0", "--max-steps", str(max_steps), *flags)
+
+    determinism_jobs = [Job(name, short_run(name, steps, *flags), logs / f"determinism-{name}.txt").start(env)
+                        for name, flags in DETERMINISM_RUNS]
+    # Resume on CUDA: half the steps, then --resume to the end; must equal det-a bit for bit.
+    resume_first = " ".join(short_run("det-resumed", steps // 2, "--deterministic"))
+    resume_rest = " ".join(matcaps("train", "--resume", str(determinism_root / "det-resumed"), "--max-steps", str(steps),
+                                   "--no-progress"))
+    determinism_jobs.append(Job("det-resumed", ["sh", "-c", f"{resume_first} && {resume_rest}"],
+                                logs / "determinism-det-resumed.txt").start(env))
     log(out, clock, f"started {len(jobs)} trainings")
     sweep_end = clock.now() + args.sweep_seconds
     while clock.now() < sweep_end and any(jobs[n].running() for n in sweep_names):
