@@ -9,8 +9,12 @@ import sys
 import pytest
 import torch
 
+from matcaps.bench.config import BenchConfig
 from matcaps.bench.report import MACHINE_KEYS, PHASE_KEYS, REPORT_KEYS, RESULT_KEYS
+from matcaps.bench.runner import resolve_device
 from matcaps.cli import main
+from matcaps.errors import ConfigError
+from matcaps.models import PRESETS
 
 #: A network small enough for a 2-core test run: 16×16 input → 8×8 primary caps, 3×3, 1×1.
 TINY = [
@@ -75,11 +79,35 @@ def test_bad_options_are_one_line_and_exit_2(options, message, capsys):
     assert error.count("\n") == 1 and error.startswith("matcaps bench: error: ") and message in error
 
 
+def test_help_is_wrapped_at_80_columns_and_shows_defaults_and_choices(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = capsys.readouterr().out
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "(default " not in text  # always "(default: …)", as the other commands write it
+    flat = " ".join(text.split())
+    for shown in ("--model {" + ",".join(PRESETS) + "}", "--dtype {fp32,bf16}", "--allocator {default,tuned}",
+                  "--iters {1,2,3}", "auto, cpu, cuda or cuda:N", "(default: smallnorb)", "(default: fp32)",
+                  "(default: default)", "seed of the weights and random input (default: 0)", "(default: cpu)"):
+        assert shown in flat, shown
+
+
+def test_device_accepts_auto_and_cuda_n_like_train():
+    assert BenchConfig(device="auto").device == "auto" and BenchConfig(device="cuda:1").device == "cuda:1"
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ("gpu", "cuda:", "cuda:x", "CPU"):
+        with pytest.raises(ConfigError, match=rf"--device: unknown device '{bad}'; choose one of auto, cpu, cuda, cuda:N"):
+            BenchConfig(device=bad)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_cuda_when_unavailable_is_one_line_and_exit_2(capsys):
     assert main(["bench", *TINY, *QUICK, "--device", "cuda"]) == 2
-    error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "--device cuda: CUDA is not available" in error
+    assert main(["bench", *TINY, *QUICK, "--device", "cuda:1"]) == 2
+    first, second = capsys.readouterr().err.splitlines()
+    assert "--device cuda: CUDA is not available" in first and "--device cuda:1: CUDA is not available" in second
 
 
 def test_python_m_matcaps_bench_reports_bad_options_as_one_line():

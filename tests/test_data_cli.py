@@ -8,7 +8,8 @@ import pytest
 
 from data_fixtures import write_tiny_mnist, write_tiny_smallnorb
 from matcaps.cli import main
-from matcaps.data import is_valid_cache
+from matcaps.data import is_valid_cache, prepare
+from matcaps.errors import DataFormatError
 
 
 def test_data_command_prepares_and_reports(tmp_path: Path, capsys) -> None:
@@ -48,6 +49,19 @@ def test_corrupted_file_is_one_line_exit_2(tmp_path: Path, capsys) -> None:
     assert main(["data", "mnist", "--root", str(tmp_path), "--no-download", "--no-verify", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train-labels-idx1-ubyte" in err[0] and "truncated" in err[0]
+
+
+@pytest.mark.parametrize(("download", "advice"), [
+    (False, "(replace the damaged file with a good copy and rerun)"),
+    (True, "(replace or delete the damaged file and rerun to download it again)"),
+])  # fmt: skip
+def test_damaged_file_advice_fits_the_download_setting(tmp_path: Path, download: bool, advice: str, monkeypatch) -> None:
+    raw = write_tiny_mnist(tmp_path, compress=False)
+    (raw / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05\x01")
+    monkeypatch.setattr("matcaps.data.cache.download_file", lambda *a, **k: pytest.fail("nothing is missing"))
+    with pytest.raises(DataFormatError) as error:
+        prepare("mnist", tmp_path, download=download, progress=False)
+    assert str(error.value).endswith(advice)
 
 
 def test_unknown_dataset_is_a_usage_error(tmp_path: Path) -> None:

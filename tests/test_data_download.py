@@ -155,6 +155,24 @@ def test_failed_download_explains_manual_placement(server, tmp_path: Path, monke
     assert str(tmp_path / "mnist" / "raw") in message and "--no-download" in message
 
 
+def test_failed_downloads_list_every_file_still_missing(server, tmp_path: Path, monkeypatch) -> None:
+    """Offline advice names all the files to fetch by hand, not only the one that failed first."""
+    server.files = {"good/first.gz": b"one"}
+    mirrors = (server.base + "good/",)
+    sources = tuple(SourceFile(key, name, mirrors) for key, name in [
+        ("train_images", "first.gz"), ("train_labels", "second.gz"), ("test_images", "third.gz"),
+        ("test_labels", "fourth.gz")])  # fmt: skip
+    monkeypatch.setattr("matcaps.data.cache.source_files", lambda name: sources)
+    (tmp_path / "mnist" / "raw").mkdir(parents=True)
+    (tmp_path / "mnist" / "raw" / "third.gz").write_bytes(b"already here")
+    with pytest.raises(DownloadError) as error:
+        prepare("mnist", tmp_path, progress=False)
+    message = str(error.value)
+    assert "\n" not in message and "good/second.gz: HTTP 404" in message
+    assert f"Still missing: second.gz, fourth.gz. If you are offline, fetch them from {server.base}good/" in message
+    assert (tmp_path / "mnist" / "raw" / "first.gz").read_bytes() == b"one"  # downloaded before the failure
+
+
 def test_progress_bar_reports_resumed_download(server, tmp_path: Path, capsys) -> None:
     dest = tmp_path / "f.bin"
     part_path(dest).write_bytes(PAYLOAD[:50000])

@@ -7,11 +7,11 @@ import random
 import numpy as np
 import pytest
 import torch
-from train_support import TinyImages, tiny_config, tiny_model_config
+from train_support import CHECKPOINT_DAMAGES, TinyImages, damage_checkpoint, tiny_config, tiny_model_config
 
 from matcaps.errors import CheckpointError
 from matcaps.train import LAST_CHECKPOINT, EpochBatchSampler, load_checkpoint, resolve_checkpoint, save_atomic, train_run
-from matcaps.train.checkpoint import CHECKPOINT_FORMAT, capture_rng_state, restore_rng_state
+from matcaps.train.checkpoint import CHECKPOINT_FORMAT, DamagedCheckpointError, capture_rng_state, restore_rng_state
 
 
 def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path):
@@ -34,17 +34,42 @@ def test_checkpoints_get_the_permissions_of_an_ordinary_new_file(tmp_path):
     assert mode == stat.S_IMODE(os.stat(ordinary).st_mode)
 
 
-def test_damaged_or_foreign_files_raise_checkpoint_errors(tmp_path):
+@pytest.mark.parametrize("kind", CHECKPOINT_DAMAGES)
+def test_a_damaged_checkpoint_is_named_in_one_line_without_unsafe_advice(tmp_path, kind):
     path = tmp_path / "last.pt"
     save_atomic({"format": CHECKPOINT_FORMAT, "value": torch.zeros(1000)}, path)
-    path.write_bytes(path.read_bytes()[:500])
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    damage_checkpoint(path, kind)
+    with pytest.raises(DamagedCheckpointError) as caught:
         load_checkpoint(path)
-    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="is not a matcaps checkpoint"):
-        load_checkpoint(tmp_path / "other.pt")
+    message = str(caught.value)
+    assert message.startswith(f"checkpoint {path} is damaged or not a matcaps checkpoint (")
+    assert "\n" not in message and "weights_only" not in message and "torch.load" not in message
+    assert caught.value.alternative is None  # there is no best.pt here
+
+
+@pytest.mark.parametrize(("damaged", "other"), [("last.pt", "best.pt"), ("best.pt", "last.pt")])
+def test_a_damaged_checkpoint_points_to_the_other_one_when_it_is_readable(tmp_path, damaged, other):
+    save_atomic({"format": CHECKPOINT_FORMAT, "state": {"step": 30}}, tmp_path / other)
+    save_atomic({"format": CHECKPOINT_FORMAT, "state": {"step": 40}}, tmp_path / damaged)
+    damage_checkpoint(tmp_path / damaged, "truncated")
+    with pytest.raises(DamagedCheckpointError) as caught:
+        load_checkpoint(tmp_path / damaged)
+    assert caught.value.alternative == tmp_path / other and caught.value.alternative_step == 30
+    assert str(caught.value).endswith(f"the run's other checkpoint {tmp_path / other} (step 30) is readable")
+
+    damage_checkpoint(tmp_path / other, "empty")  # both damaged: nothing to point to
+    with pytest.raises(DamagedCheckpointError) as caught:
+        load_checkpoint(tmp_path / damaged)
+    assert caught.value.alternative is None and other not in str(caught.value)
+
+
+def test_missing_files_and_other_formats_raise_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "absent.pt")
+    save_atomic({"format": CHECKPOINT_FORMAT + 1}, tmp_path / "future.pt")
+    with pytest.raises(CheckpointError, match=rf"has matcaps checkpoint format {CHECKPOINT_FORMAT + 1}; this "
+                                              rf"version reads format {CHECKPOINT_FORMAT}"):
+        load_checkpoint(tmp_path / "future.pt")
 
 
 def test_rng_states_round_trip():

@@ -132,7 +132,7 @@ def test_resume_extends_a_finished_run_and_refuses_changes(config_file, tmp_path
     assert state_dicts_equal(load_checkpoint(short / "last.pt")["model"], load_checkpoint(long / "last.pt")["model"])
     capsys.readouterr()
     assert main(["train", "--resume", str(short), "--batch-size", "16"]) == 2
-    assert "cannot change batch_size when resuming" in capsys.readouterr().err
+    assert "cannot change --batch-size when resuming" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

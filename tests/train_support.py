@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -63,3 +65,32 @@ def tiny_model_config(config: TrainConfig, size: int = TINY_IMAGE_SIZE) -> CapsN
 
 def state_dicts_equal(first: dict[str, Tensor], second: dict[str, Tensor]) -> bool:
     return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+class _Unsafe:
+    """A class that the weights-only checkpoint loader refuses to rebuild."""
+
+
+#: Ways a checkpoint file is found damaged or foreign (see :func:`damage_checkpoint`).
+CHECKPOINT_DAMAGES = ("random", "truncated", "cut-header", "empty", "unsafe-object", "foreign", "legacy-pickle")
+
+
+def damage_checkpoint(path: Path, kind: str) -> None:
+    """Replace the valid checkpoint ``path`` by a damaged or foreign file of kind ``kind``."""
+    data = path.read_bytes()
+    if kind == "random":  # e.g. `head -c 100000 /dev/urandom > last.pt`
+        path.write_bytes(np.random.default_rng(0).integers(0, 256, 100_000, dtype=np.uint8).tobytes())
+    elif kind == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "cut-header":
+        path.write_bytes(data[:500])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "unsafe-object":
+        torch.save({"format": 1, "thing": _Unsafe()}, path)
+    elif kind == "foreign":
+        torch.save({"weights": torch.zeros(2)}, path)
+    elif kind == "legacy-pickle":
+        torch.save({"weights": torch.zeros(2)}, path, _use_new_zipfile_serialization=False)
+    else:
+        raise ValueError(f"unknown damage {kind!r}")

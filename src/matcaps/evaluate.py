@@ -21,6 +21,7 @@ from matcaps.models import build_model, model_config_from_dict
 from matcaps.train.checkpoint import load_checkpoint, resolve_checkpoint
 from matcaps.train.config import TrainConfig
 from matcaps.train.distributed import resolve_device
+from matcaps.train.run import epoch_of_last_step
 from matcaps.train.validation import evaluate_model
 
 
@@ -31,7 +32,8 @@ class TestReport:
     Attributes:
         dataset, split: What was scored (``split`` may differ from the training split).
         checkpoint: Path of the checkpoint file.
-        step, epoch: Training progress stored in the checkpoint.
+        step, epoch: Training progress stored in the checkpoint: steps taken, and the epoch
+            (counted from 1, as in every message) in which the last of them was taken.
         num_images: Images scored (the whole test set).
         accuracy: Fraction predicted correctly; ``error_rate = 1 − accuracy``.
         loss: Mean training loss (spread loss at the checkpoint's margin, or cross-entropy).
@@ -107,7 +109,7 @@ def evaluate_checkpoint(
     names = list(splits.info.class_names)
     return TestReport(
         dataset=config.dataset, split=data_config.split, checkpoint=str(path), step=step,
-        epoch=int(state.get("epoch", 0)), num_images=counts.total, accuracy=counts.accuracy,
+        epoch=epoch_of_last_step(state), num_images=counts.total, accuracy=counts.accuracy,
         error_rate=1.0 - counts.accuracy, loss=counts.loss, class_names=names,
         per_class_accuracy=dict(zip(names, counts.per_class_accuracy())),
         confusion_matrix=counts.confusion.tolist(),
@@ -120,8 +122,8 @@ def format_report(report: TestReport) -> str:
     width = max(8, *(len(n) for n in names))
     lines = [
         f"{report.dataset} {report.split} test set, {report.num_images} images, checkpoint {report.checkpoint} "
-        f"(step {report.step}): accuracy {report.accuracy:.4f} (error {100 * report.error_rate:.2f} %), "
-        f"loss {report.loss:.4f}",
+        f"(step {report.step}, epoch {report.epoch}): accuracy {report.accuracy:.4f} "
+        f"(error {100 * report.error_rate:.2f} %), loss {report.loss:.4f}",
         "per-class accuracy:",
         *(f"  {name:<{width}} {value:.4f}" for name, value in report.per_class_accuracy.items()),
         "confusion matrix (rows: true class, columns: predicted):",
@@ -149,7 +151,8 @@ def plot_confusion(report: TestReport, path: str | Path) -> Path:
     axes.set_yticks(ticks, report.class_names)
     axes.set_xlabel("predicted class")
     axes.set_ylabel("true class")
-    axes.set_title(f"{report.dataset} {report.split}: accuracy {100 * report.accuracy:.2f} %")
+    axes.set_title(f"{report.dataset} {report.split} test set, {Path(report.checkpoint).name} "
+                   f"(step {report.step}, epoch {report.epoch})\naccuracy {100 * report.accuracy:.2f} %")
     for row in ticks:
         for column in ticks:
             colour = "white" if rates[row, column] > 0.5 else "black"

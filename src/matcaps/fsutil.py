@@ -21,3 +21,23 @@ def fsync_directory(path: Path | str) -> None:
         pass
     finally:
         os.close(descriptor)
+
+
+def write_text_atomic(path: Path | str, text: str) -> None:
+    """Replace ``path`` by a file holding ``text`` (UTF-8) so that a crash leaves the old or the new file.
+
+    The text goes to a temporary file in the same directory, is flushed to disk and
+    renamed over ``path``; the new file gets the mode an ordinary new file would.
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from matcaps.errors import CheckpointError
@@ -24,15 +25,20 @@ def series(records: list[dict], phase: str, metric: str) -> tuple[list[int], lis
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def plot_training_curves(run_dir: str | Path, output: str | Path | None = None) -> Path:
-    """Draw the curves of ``run_dir/metrics.jsonl`` to a PNG (default ``run_dir/curves.png``)."""
+def plot_training_curves(
+    run_dir: str | Path, output: str | Path | None = None, warn: Callable[[str], None] | None = None
+) -> Path:
+    """Draw the curves of ``run_dir/metrics.jsonl`` to a PNG (default ``run_dir/curves.png``).
+
+    ``warn`` receives a message naming the lines of ``metrics.jsonl`` that could not be read.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    records = read_metrics(run_dir)
+    records = read_metrics(run_dir, warn=warn)
     if not any(r["phase"] == "train" for r in records):
         raise CheckpointError(f"{run_dir} has no training metrics to plot yet")
     figure, grid = plt.subplots(2, 2, figsize=(11, 7), sharex=True)

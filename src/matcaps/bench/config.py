@@ -10,6 +10,7 @@ the parent process hands it to a fresh worker process per implementation as JSON
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,8 +20,11 @@ from matcaps.routing import ROUTING_IMPLEMENTATIONS
 
 #: Routing iterations the bench accepts (``--iters``): Hinton et al. use 3, Gritzman 2.
 ITERATION_CHOICES: tuple[int, ...] = (1, 2, 3)
-#: Devices the bench can run on.
-DEVICES: tuple[str, ...] = ("cpu", "cuda")
+#: Devices the bench can run on, as ``--device`` accepts them (``cuda:N`` is the N-th GPU; ``auto``
+#: is ``cuda`` when a GPU is visible, else ``cpu``), like ``matcaps train --device``.
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "cuda:N")
+#: The device names matching :data:`DEVICES`.
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 #: ``fp32`` runs everything in float32; ``bf16`` runs the model under bfloat16 autocast
 #: (the routing itself always computes in float32, see :mod:`matcaps.routing.em`).
 DTYPES: tuple[str, ...] = ("fp32", "bf16")
@@ -45,7 +49,8 @@ class BenchConfig:
             (``--set KEY=VALUE``), e.g. a smaller network for quick checks.
         batch_size: Images per step ``N``.
         iterations: EM-routing iterations (1 to 3).
-        device: ``cpu`` or ``cuda``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (:func:`~matcaps.bench.runner.run_bench`
+            resolves ``auto`` before measuring).
         dtype: ``fp32`` or ``bf16`` (autocast).
         threads: Intra-op threads of each worker (``torch.set_num_threads``); None keeps
             PyTorch's default (one per core).
@@ -100,8 +105,9 @@ class BenchConfig:
             raise ConfigError(f"--warmup: must be a non-negative integer, got {self.warmup!r}")
         if self.threads is not None:
             _check_positive("--threads", self.threads)
+        if not isinstance(self.device, str) or DEVICE_PATTERN.fullmatch(self.device) is None:
+            raise ConfigError(f"--device: unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
         for option, value, choices in (
-            ("--device", self.device, DEVICES),
             ("--dtype", self.dtype, DTYPES),
             ("--allocator", self.allocator, ALLOCATORS),
         ):

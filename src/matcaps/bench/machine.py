@@ -34,7 +34,7 @@ def usable_cores() -> int:
 
 
 def machine_info(device: str) -> dict[str, Any]:
-    """CPU model, cores, OS, Python, PyTorch and (for ``cuda``) GPU of this machine."""
+    """CPU model, cores, OS, Python, PyTorch and (for ``cuda``/``cuda:N``) GPU of this machine."""
     info: dict[str, Any] = {
         "cpu_model": cpu_model(),
         "cores": usable_cores(),
@@ -48,7 +48,7 @@ def machine_info(device: str) -> dict[str, Any]:
         "device_name": "cpu",
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
-    if device == "cuda" and torch.cuda.is_available():
-        info["device_name"] = torch.cuda.get_device_name()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["device_name"] = torch.cuda.get_device_name(torch.device(device))
         info["cuda_version"] = torch.version.cuda
     return info

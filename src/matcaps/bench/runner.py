@@ -8,6 +8,7 @@ routing's scratch pool) cannot help or hurt the next.  The parent only collects 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -42,21 +43,32 @@ class BenchWorkerError(MatcapsError):
     """A worker process failed (its own output, printed above, says why)."""
 
 
-def check_device(config: BenchConfig) -> None:
-    """Raise :class:`ConfigError` if the requested device is not available."""
-    if config.device == "cuda" and not torch.cuda.is_available():
-        build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA"
-        raise ConfigError(f"--device cuda: CUDA is not available (torch {torch.__version__} {build}, or no GPU visible)")
+def resolve_device(name: str) -> str:
+    """The device to measure on: ``auto`` → ``cuda`` if a GPU is visible, else ``cpu``.
+
+    Raises :class:`ConfigError` if a CUDA device is asked for and not available.
+    """
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA"
+            raise ConfigError(f"--device {name}: CUDA is not available (torch {torch.__version__} {build}, "
+                              "or no GPU visible)")
+        index = torch.device(name).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: no such GPU ({torch.cuda.device_count()} visible)")
+    return name
 
 
 def run_bench(config: BenchConfig, command: list[str] | None = None) -> dict[str, Any]:
     """Measure every implementation of ``config``; returns the report (layout: :mod:`matcaps.bench.report`).
 
     Args:
-        config: The bench options.
+        config: The bench options (``device`` ``auto`` is resolved first; the report holds the device used).
         command: The command line, stored in the report.
     """
-    check_device(config)
+    config = dataclasses.replace(config, device=resolve_device(config.device))
     report: dict[str, Any] = {
         "schema": REPORT_SCHEMA,
         "command": command,

@@ -13,6 +13,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from matcaps import __version__
 from matcaps.errors import MatcapsError
@@ -24,9 +25,21 @@ COMMAND_MODULES: tuple[str, ...] = ("data", "train", "test", "plot", "bench")
 USAGE_ERROR_EXIT_CODE = 2
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser that reports a bad command line in one line, like every other error.
+
+    argparse's own ``error`` prints the whole usage (more than 20 lines for ``train``)
+    before the message; this one prints ``PROG: error: MESSAGE (see PROG --help)`` and
+    exits with :data:`USAGE_ERROR_EXIT_CODE`.  Sub-command parsers inherit the class.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR_EXIT_CODE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every sub-command registered."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="matcaps",
         description="Matrix capsules with EM routing: data, training, evaluation, benchmarks.",
     )
@@ -34,13 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(f"matcaps.cli.{name}").register(subparsers)
+    parser.set_defaults(command_parsers=subparsers.choices)
     return parser
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, but an unknown option is blamed on its sub-command (``matcaps train: …``)."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        args.command_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``matcaps`` console script; returns the process exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     try:
         return int(args.func(args) or 0)
     except MatcapsError as error:

@@ -15,6 +15,7 @@ from matcaps.bench.config import (
     DEFAULT_WARMUP,
     DEVICES,
     DTYPES,
+    ITERATION_CHOICES,
     BenchConfig,
     parse_model_option,
 )
@@ -22,54 +23,68 @@ from matcaps.errors import ConfigError
 from matcaps.models import PRESETS
 from matcaps.routing import ROUTING_IMPLEMENTATIONS
 
-DESCRIPTION = """\
-Time a full training step (forward, spread loss, backward, Adam) and an inference forward
-pass of a capsule network on seeded random data, for one or several routing
-implementations, each measured in its own fresh process.  Prints a table (with the
-speed-up over naive when both are measured) and optionally writes a JSON report.
-"""
+DESCRIPTION = (
+    "Time a full training step (forward, spread loss, backward, Adam) and an inference forward pass of a "
+    "capsule network on seeded random data, for one or several routing implementations, each measured in its "
+    "own fresh process. Prints a table (with the speed-up over naive when both are measured) and optionally "
+    "writes a JSON report."
+)
+
+
+def _choices(values) -> str:
+    """``{a,b,c}``, the way argparse shows the choices of the other commands' options."""
+    return "{" + ",".join(values) + "}"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``bench`` sub-command."""
     parser = subparsers.add_parser(
         "bench", help="benchmark training and inference speed and memory", description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     add_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``matcaps bench`` (validated by :class:`BenchConfig`, not by argparse)."""
-    parser.add_argument("--model", default="smallnorb", help=f"model preset: {', '.join(PRESETS)} (default smallnorb)")
+    """The options of ``matcaps bench`` (validated by :class:`BenchConfig`, not by argparse).
+
+    Choices are shown as argparse shows them elsewhere (``{a,b}``) but checked by
+    :class:`BenchConfig`, whose errors name the option in one line.
+    """
+    parser.add_argument("--model", default="smallnorb", metavar=_choices(PRESETS),
+                        help="model preset (default: smallnorb)")
     parser.add_argument(
         "--set", dest="model_options", action="append", default=[], metavar="KEY=VALUE",
         help="change a field of the preset, e.g. --set conv1_channels=32 (repeatable)",
     )  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=32, help="images per step (default 32)")
-    parser.add_argument("--iters", type=int, default=2, help="EM-routing iterations, 1 to 3 (default 2)")
-    parser.add_argument("--device", default="cpu", help=f"{' or '.join(DEVICES)} (default cpu)")
-    parser.add_argument("--dtype", default="fp32", help=f"{' or '.join(DTYPES)}; bf16 = autocast, routing stays fp32")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per step (default: 32)")
+    parser.add_argument("--iters", type=int, default=2, metavar=_choices(map(str, ITERATION_CHOICES)),
+                        help="EM-routing iterations (default: 2)")
+    parser.add_argument("--device", default="cpu",
+                        help=f"{', '.join(DEVICES[:-1])} or {DEVICES[-1]}; auto: cuda if available (default: cpu)")
+    parser.add_argument("--dtype", default="fp32", metavar=_choices(DTYPES),
+                        help="bf16 = autocast, the routing stays fp32 (default: fp32)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads per worker (default: PyTorch's)")
     parser.add_argument(
         "--impl", nargs="+", default=["fused"], metavar="IMPL",
-        help=f"routing implementation(s) to measure: {' '.join(ROUTING_IMPLEMENTATIONS)} (default fused)",
+        help=f"routing implementation(s) to measure: {', '.join(ROUTING_IMPLEMENTATIONS)} (default: fused)",
     )  # fmt: skip
-    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help=f"untimed steps per phase (default {DEFAULT_WARMUP})")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"timed steps per phase (default {DEFAULT_STEPS})")
+    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help=f"untimed steps per phase (default: {DEFAULT_WARMUP})")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"timed steps per phase (default: {DEFAULT_STEPS})")
     parser.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
     parser.add_argument(
-        "--allocator", default="default",
-        help=f"{' or '.join(ALLOCATORS)}: tuned raises glibc's mmap and trim thresholds at worker start",
+        "--allocator", default="default", metavar=_choices(ALLOCATORS),
+        help="tuned raises glibc's mmap and trim thresholds at worker start (default: default)",
     )  # fmt: skip
     parser.add_argument("--json", dest="json_path", metavar="PATH", help="write the full report as JSON")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler breakdown of one step per phase")
     parser.add_argument(
-        "--profile-rows", type=int, default=DEFAULT_PROFILE_ROWS, help=f"rows of the profiler table (default {DEFAULT_PROFILE_ROWS})"
-    )
+        "--profile-rows", type=int, default=DEFAULT_PROFILE_ROWS,
+        help=f"rows of the profiler table (default: {DEFAULT_PROFILE_ROWS})",
+    )  # fmt: skip
     parser.add_argument("--trace", dest="trace_path", metavar="PATH", help="with --profile, write a Chrome trace of the train step")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the weights and random input")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                        help=f"seed of the weights and random input (default: {DEFAULT_SEED})")
     parser.add_argument(
         "--no-verify", dest="verify", action="store_false",
         help="skip checking that the implementations give the same outputs and gradients",

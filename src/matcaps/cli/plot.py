@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -22,6 +23,8 @@ def run_command(args: argparse.Namespace) -> int:
     """Draw the curves; returns 0."""
     from matcaps.plot import plot_training_curves
 
-    path = plot_training_curves(args.run_dir, args.output)
+    path = plot_training_curves(
+        args.run_dir, args.output, warn=lambda message: print(f"matcaps plot: warning: {message}", file=sys.stderr)
+    )
     print(f"saved {path}")
     return 0

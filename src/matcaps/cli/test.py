@@ -34,19 +34,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_command)
 
 
+def check_target(target: Path) -> None:
+    """A directory must be a run directory (``config.toml``) or at least hold a checkpoint."""
+    from matcaps.errors import CheckpointError
+    from matcaps.train.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT
+    from matcaps.train.run import CONFIG_FILE
+
+    if target.is_dir() and not any((target / name).is_file() for name in (CONFIG_FILE, BEST_CHECKPOINT, LAST_CHECKPOINT)):
+        raise CheckpointError(f"{target} is not a run directory (no {CONFIG_FILE})")
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Evaluate, print and save the report; returns 0."""
     from matcaps.allocator import apply_allocator
-    from matcaps.errors import ConfigError
+    from matcaps.errors import CheckpointError, ConfigError
     from matcaps.evaluate import evaluate_checkpoint, format_report, save_report
+    from matcaps.train.checkpoint import DamagedCheckpointError
 
-    if args.batch_size < 1 or args.workers < 0:
-        raise ConfigError("--batch-size must be at least 1 and --workers not negative")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise ConfigError(f"--workers must not be negative, got {args.workers}")
+    check_target(args.target)
     apply_allocator(args.allocator)
-    report = evaluate_checkpoint(
-        args.target, which=args.checkpoint, split=args.split, data_root=args.data_root, batch_size=args.batch_size,
-        device=args.device, workers=args.workers, progress=args.progress,
-    )  # fmt: skip
+    try:
+        report = evaluate_checkpoint(
+            args.target, which=args.checkpoint, split=args.split, data_root=args.data_root,
+            batch_size=args.batch_size, device=args.device, workers=args.workers, progress=args.progress,
+        )  # fmt: skip
+    except DamagedCheckpointError as error:
+        if error.alternative is None:
+            raise
+        raise CheckpointError(f"{error}: test it with `matcaps test {error.alternative}`") from None
     json_path, png_path = save_report(report)
     print(format_report(report))
     print(f"saved {json_path} and {png_path}")

@@ -9,6 +9,8 @@ model with DistributedDataParallel and only rank 0 writes the run directory.
 from __future__ import annotations
 
 import argparse
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,32 @@ GROUP_TITLES = {
 }  # fmt: skip
 
 
+#: Attribute of the parsed namespace mapping each option given on the command line to the flag typed.
+TYPED_FLAGS = "_typed_flags"
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _remember_flag(namespace: argparse.Namespace, dest: str, option_string: str | None) -> None:
+    vars(namespace).setdefault(TYPED_FLAGS, {})[dest] = option_string or _flag(dest)
+
+
+class _Store(argparse.Action):
+    """``store``, also remembering which flag (or alias, e.g. ``--l2``) set the option."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        _remember_flag(namespace, self.dest, option_string)
+
+
+class _StoreBool(argparse.BooleanOptionalAction):
+    """``--x/--no-x``, also remembering which one was typed."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        super().__call__(parser, namespace, values, option_string)
+        _remember_flag(namespace, self.dest, option_string)
 
 
 def _add_field_option(group: argparse._ArgumentGroup, name: str) -> None:
@@ -36,12 +62,12 @@ def _add_field_option(group: argparse._ArgumentGroup, name: str) -> None:
     flags = [_flag(name), *metadata.get("aliases", ())]
     common: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
     if kind == "bool":
-        group.add_argument(*flags, action=argparse.BooleanOptionalAction, **common)
+        group.add_argument(*flags, action=_StoreBool, **common)
     elif kind == "ints":
-        group.add_argument(*flags, nargs="+", type=int, metavar="N", **common)
+        group.add_argument(*flags, action=_Store, nargs="+", type=int, metavar="N", **common)
     else:
         converter = {"int": int, "float": float, "str": str}[kind]
-        group.add_argument(*flags, type=converter, choices=metadata.get("choices"),
+        group.add_argument(*flags, action=_Store, type=converter, choices=metadata.get("choices"),
                            metavar=name.upper() if not metadata.get("choices") else None, **common)  # fmt: skip
 
 
@@ -112,21 +138,54 @@ def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _blame(error: ConfigError, typed: Mapping[str, str], file_keys: set[str], file: Path | None) -> ConfigError:
+    """``error`` naming the option as the user gave it: the flag typed, or the configuration file.
+
+    The configuration's checks name an option as ``option KEY`` (``option batch_size must be
+    at least 1``); a key set by a flag becomes that flag (``--batch-size must be at least 1``),
+    a key set by the file gets the file's name in front.
+    """
+    message = str(error)
+    match = re.search(r"\boption ([a-z0-9_]+)\b", message)
+    if match is None or match.group(1) not in FIELDS:
+        return error
+    key = match.group(1)
+    if key in typed:
+        return ConfigError(message[: match.start()] + typed[key] + message[match.end():])
+    if key in file_keys and file is not None and str(file) not in message:
+        return ConfigError(f"configuration file {file}: {message}")
+    return error
+
+
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
-    """Defaults < ``--config`` file < flags (or, with ``--resume``, the run's saved configuration)."""
-    from matcaps.train.run import merge_resume_overrides, read_run_config
+    """Defaults < ``--config`` file < flags (or, with ``--resume``, the run's saved configuration).
+
+    ``data_root`` is made absolute, so that the saved ``config.toml`` works from any directory.
+    """
+    from matcaps.train.run import CONFIG_FILE, merge_resume_overrides, read_run_config
 
     overrides = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+    typed: dict[str, str] = vars(args).get(TYPED_FLAGS, {})
     model_options = parse_model_options(args.model_option)
     if args.resume is not None:
         if args.config is not None or model_options:
             raise ConfigError("--resume continues a run with its saved configuration; do not combine it "
                               "with --config or --model-option")
-        return merge_resume_overrides(read_run_config(args.resume), overrides)
-    file_values = load_config_file(args.config) if args.config is not None else {}
-    if model_options:
-        overrides["model_options"] = _merge(file_values.get("model_options", {}), model_options)
-    return build_config(file_values, overrides)
+        saved = read_run_config(args.resume)
+        names = {name: typed.get(name, _flag(name)) for name in FIELDS}
+        try:
+            config = merge_resume_overrides(saved, overrides, names)
+        except ConfigError as error:
+            raise _blame(error, typed, set(FIELDS), Path(args.resume) / CONFIG_FILE) from None
+    else:
+        file_values = load_config_file(args.config) if args.config is not None else {}
+        if model_options:
+            overrides["model_options"] = _merge(file_values.get("model_options", {}), model_options)
+        try:
+            config = build_config(file_values, overrides)
+        except ConfigError as error:
+            raise _blame(error, typed, set(file_values), args.config) from None
+    return config.replace(data_root=str(Path(config.data_root).expanduser().resolve()))
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -136,7 +195,7 @@ def run_command(args: argparse.Namespace) -> int:
     from matcaps.models import CapsNetConfig
     from matcaps.train.config import resolve_model_config
     from matcaps.train.distributed import setup_distributed, teardown_distributed
-    from matcaps.train.run import train_run
+    from matcaps.train.run import describe_progress, train_run
 
     config = resolve_config(args)
     allocator = apply_allocator(config.allocator)  # before the data and the network are allocated
@@ -164,7 +223,8 @@ def run_command(args: argparse.Namespace) -> int:
         teardown_distributed(context)
     if context.is_main:
         best = f", best validation accuracy {result.best_val_accuracy:.4f}" if result.best_val_accuracy is not None else ""
-        print(f"finished at step {result.step} (epoch {result.epoch}){best}, {result.skipped_steps} skipped step(s); "
+        progress = describe_progress(result.epoch, result.batch_in_epoch)
+        print(f"finished at step {result.step} ({progress}){best}, {result.skipped_steps} skipped step(s); "
               f"run directory {run_dir}")
         print(f"evaluate with: matcaps test {run_dir}    curves: matcaps plot {run_dir}")
     return 0

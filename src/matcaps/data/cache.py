@@ -23,8 +23,9 @@ fsynced, the manifest written last, and the directory renamed to ``prepared`` as
 final step.  A cache is valid only with a readable manifest of the current
 :data:`CACHE_FORMAT_VERSION` whose arrays exist with the announced shapes (and, for a
 verifying prepare, whose manifest says ``"verified": true``), so a prepare
-that is killed midway never leaves something that later looks valid; the next prepare
-removes its leftovers and rebuilds.  With several processes (DDP), prepare on one rank
+that is killed midway never leaves something that later looks valid; every later prepare
+(even one that finds a valid cache, and ``--force``) first removes the leftovers of
+prepares whose process is gone, and an invalid cache is rebuilt.  With several processes (DDP), prepare on one rank
 and make the others wait (a barrier) before :func:`~matcaps.data.load_splits`: concurrent
 prepares each build their own temporary directory and the last rename wins, which is
 safe but wasteful.
@@ -183,12 +184,16 @@ def locate_sources(
             f"{name}: missing raw files {names} (or their decompressed versions) in {raw_dir(name, root)}; "
             f"place them there or rerun without --no-download"
         )
-    for source in missing:
-        found[source.key] = _download_source(name, root, source, progress)
+    for index, source in enumerate(missing):
+        try:
+            found[source.key] = _download_source(name, root, source, progress)
+        except DownloadError as error:
+            raise DownloadError(f"{error}. {_offline_advice(name, root, missing[index:])}") from error
     return found
 
 
 def _download_source(name: str, root: Path, source: SourceFile, progress: bool) -> Path:
+    """Download ``source`` from the first mirror that works; the error names every URL tried."""
     destination = raw_dir(name, root) / source.filename
     failures = []
     for url in source.urls:
@@ -196,11 +201,17 @@ def _download_source(name: str, root: Path, source: SourceFile, progress: bool) 
             return download_file(url, destination, progress=progress)
         except DownloadError as error:
             failures.append(str(error))
-    raise DownloadError(
-        "; ".join(failures)
-        + f". If you are offline, fetch {source.filename} from {source.urls[0]} on another machine and "
-        f"place it (gzipped or decompressed) in {raw_dir(name, root)} or {dataset_dir(name, root)}, "
-        f"then run `matcaps data {name} --root {root} --no-download`"
+    raise DownloadError("; ".join(failures))
+
+
+def _offline_advice(name: str, root: Path, missing: list[SourceFile]) -> str:
+    """Every raw file still missing, where to get it and where to put it."""
+    mirrors = sorted({source.mirrors[0] for source in missing})
+    return (
+        f"Still missing: {', '.join(source.filename for source in missing)}. If you are offline, fetch "
+        f"{'it' if len(missing) == 1 else 'them'} from {' or '.join(mirrors)} on another machine and place "
+        f"{'it' if len(missing) == 1 else 'them'} (gzipped or decompressed) in {raw_dir(name, root)} or "
+        f"{dataset_dir(name, root)}, then run `matcaps data {name} --root {root} --no-download`"
     )
 
 
@@ -456,10 +467,10 @@ def prepare(
     check_dataset_name(name)
     root = Path(root)
     cache = cache_dir(name, root)
+    remove_leftovers(cache.parent)  # of killed prepares, even when the cache is valid and kept
     if not force and is_valid_cache(name, root, verified=verify):
         return cache
     sources = locate_sources(name, root, download, progress)
-    remove_leftovers(cache.parent)
     tmp: Path | None = None
     try:
         digests = inspect_sources(name, sources, verify, progress)
@@ -471,7 +482,9 @@ def prepare(
         raise  # its message says what to do
     except DataFormatError as error:
         _remove(tmp)
-        raise DataFormatError(f"{error} (replace or delete the damaged file and rerun to download it again)") from error
+        advice = "replace or delete the damaged file and rerun to download it again" if download else (
+            "replace the damaged file with a good copy and rerun")
+        raise DataFormatError(f"{error} ({advice})") from error
     except BaseException:
         _remove(tmp)
         raise

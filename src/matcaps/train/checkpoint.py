@@ -16,6 +16,7 @@ RNG states are stored as tensors and plain Python values so the file loads with
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -90,19 +91,88 @@ def save_atomic(payload: Any, path: str | Path) -> None:
     fsync_directory(path.parent)  # make the rename itself durable
 
 
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint file cannot be read as a matcaps checkpoint (damaged, truncated, empty or foreign).
+
+    Attributes:
+        path: The file.
+        alternative: The run's other checkpoint (``best.pt`` for ``last.pt`` and vice versa)
+            if it exists and is readable, else None.
+        alternative_step: The step stored in ``alternative`` (None without one).
+    """
+
+    def __init__(self, path: Path, reason: str, alternative: Path | None = None, alternative_step: int | None = None):
+        self.path, self.reason = path, reason
+        self.alternative, self.alternative_step = alternative, alternative_step
+        message = f"checkpoint {path} is damaged or not a matcaps checkpoint ({reason})"
+        if alternative is not None:
+            message += f"; the run's other checkpoint {alternative} (step {alternative_step}) is readable"
+        super().__init__(message)
+
+
+#: Each checkpoint of a run directory and the other one, pointed to when it is damaged.
+OTHER_CHECKPOINT = {LAST_CHECKPOINT: BEST_CHECKPOINT, BEST_CHECKPOINT: LAST_CHECKPOINT}
+#: ``torch.save`` writes a zip archive, which starts with a local file header.
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _unreadable_reason(path: Path, error: BaseException) -> str:
+    """Why ``torch.load`` failed on ``path``, in words (never torch's advice to load unsafely)."""
+    with open(path, "rb") as handle:
+        head = handle.read(len(ZIP_MAGIC))
+    if not head:
+        return "the file is empty"
+    if head != ZIP_MAGIC:
+        return "the file is not a PyTorch checkpoint archive"
+    if isinstance(error, pickle.UnpicklingError):  # the weights-only loader refused an object
+        return "it holds Python objects that a matcaps checkpoint never contains"
+    return "the archive is truncated or corrupted"
+
+
+def _read_payload(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    """The checkpoint dict in ``path``; raises :class:`DamagedCheckpointError` (without alternative)."""
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises many types for damaged files
+        raise DamagedCheckpointError(path, _unreadable_reason(path, error)) from None
+    if not isinstance(payload, dict) or "format" not in payload:
+        raise DamagedCheckpointError(path, "it holds no matcaps checkpoint data")
+    if payload["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {path} has matcaps checkpoint format {payload['format']!r}; "
+                              f"this version reads format {CHECKPOINT_FORMAT}")
+    return payload
+
+
+def _readable_other_checkpoint(path: Path) -> tuple[Path, int] | None:
+    """The run's other checkpoint and its step, if ``path`` is ``last.pt``/``best.pt`` and the other reads."""
+    other_name = OTHER_CHECKPOINT.get(path.name)
+    if other_name is None or not (path.parent / other_name).is_file():
+        return None
+    other = path.parent / other_name
+    try:
+        state = _read_payload(other, "cpu").get("state", {})
+    except CheckpointError:
+        return None
+    return other, int(state.get("step", 0)) if isinstance(state, dict) else 0
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint; a missing, truncated or foreign file raises :class:`CheckpointError`."""
+    """Read a checkpoint; a missing file raises :class:`CheckpointError`.
+
+    A damaged, truncated, empty or foreign file raises :class:`DamagedCheckpointError`,
+    which names the run's other checkpoint (``best.pt`` for ``last.pt`` and vice versa)
+    when that one is readable.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch raises many types for corrupt files
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a matcaps checkpoint (format {CHECKPOINT_FORMAT})")
-    return payload
+        return _read_payload(path, map_location)
+    except DamagedCheckpointError as error:
+        other = _readable_other_checkpoint(path)
+        if other is None:
+            raise
+        raise DamagedCheckpointError(path, error.reason, *other) from None
 
 
 def resolve_checkpoint(target: str | Path, which: str = "best") -> Path:

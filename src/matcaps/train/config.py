@@ -291,6 +291,15 @@ def _resolve_cnn_config(config: TrainConfig, num_classes: int, image_size: int, 
         raise ConfigError(f"invalid model options: {error}") from None
 
 
+def _parse_error_reason(error: Exception) -> str:
+    """A parser's error in one line, keeping the line and column (PyYAML puts them on later lines)."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark = error.problem_mark
+        problem = "; ".join(part for part in (error.context, error.problem) if part) or "invalid YAML"
+        return f"{problem} (at line {mark.line + 1}, column {mark.column + 1})"
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """The options in a TOML, YAML or JSON file (checked, not yet merged with defaults)."""
     path = Path(path)
@@ -308,8 +317,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         else:
             values = yaml.safe_load(text) or {}
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ConfigError(f"cannot parse configuration file {path}: {reason}") from None
+        raise ConfigError(f"cannot parse configuration file {path}: {_parse_error_reason(error)}") from None
     return coerce_values(values, f"configuration file {path}")
 
 

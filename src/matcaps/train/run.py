@@ -3,7 +3,9 @@
 Layout of ``RUN/``:
 
 * ``config.toml``: the full resolved :class:`~matcaps.train.config.TrainConfig`
-  (``matcaps train --config RUN/config.toml`` trains the same run again);
+  (``matcaps train --config RUN/config.toml`` trains the same run again); a resume that
+  changes options (``--epochs``, ``--max-steps``, …) rewrites it and records the change in
+  its header comments;
 * ``run.json``: the resolved network, world size, versions, start time;
 * ``last.pt`` / ``best.pt``: checkpoints (latest; best validation accuracy);
 * ``metrics.jsonl``: one JSON record per logged step; ``tensorboard/``: event files;
@@ -13,9 +15,11 @@ Layout of ``RUN/``:
 
 from __future__ import annotations
 
+import itertools
 import json
 import platform
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +28,10 @@ from torch.utils.data import Dataset
 
 from matcaps import __version__
 from matcaps.errors import CheckpointError, ConfigError
+from matcaps.fsutil import write_text_atomic
 from matcaps.models import CapsNetConfig, count_parameters
-from matcaps.train.checkpoint import LAST_CHECKPOINT, load_checkpoint
-from matcaps.train.config import RESUMABLE_CHANGES, TrainConfig, load_config_file, save_config
+from matcaps.train.checkpoint import LAST_CHECKPOINT, DamagedCheckpointError, load_checkpoint
+from matcaps.train.config import RESUMABLE_CHANGES, TrainConfig, load_config_file, save_config, to_toml
 from matcaps.train.distributed import DistributedContext
 from matcaps.train.trainer import StepHook, Trainer, TrainResult
 
@@ -66,13 +71,78 @@ def read_run_config(run_dir: str | Path) -> TrainConfig:
     return TrainConfig.from_dict(load_config_file(path), f"configuration file {path}")
 
 
-def merge_resume_overrides(saved: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
-    """The saved configuration with the options a resumed run may change (others refused)."""
+def merge_resume_overrides(
+    saved: TrainConfig, overrides: dict[str, Any], names: Mapping[str, str] | None = None
+) -> TrainConfig:
+    """The saved configuration with the options a resumed run may change (others refused).
+
+    ``names`` maps option keys to the way the user wrote them (``batch_size`` → ``--batch-size``)
+    for the error message; keys are shown as they are otherwise.
+    """
+    names = names or {}
     changed = sorted(k for k, v in overrides.items() if k not in RESUMABLE_CHANGES and getattr(saved, k) != v)
     if changed:
-        raise ConfigError(f"cannot change {', '.join(changed)} when resuming (only "
-                          f"{', '.join(sorted(RESUMABLE_CHANGES))} may change)")
+        raise ConfigError(f"cannot change {', '.join(names.get(k, k) for k in changed)} when resuming (only "
+                          f"{', '.join(sorted(names.get(k, k) for k in RESUMABLE_CHANGES))} may change)")
     return saved.replace(**{k: v for k, v in overrides.items() if k in RESUMABLE_CHANGES})
+
+
+def describe_progress(epoch: int, batch_in_epoch: int, steps_per_epoch: int | None = None) -> str:
+    """Where a run stands, for people: epochs count from 1 (``epoch`` is the 0-based counter of the checkpoint).
+
+    ``(2, 0, 10)`` → ``"2 epochs completed"``; ``(0, 7, 10)`` → ``"epoch 1, 7 of 10 batches done"``
+    (``"epoch 1, 7 batches done"`` without ``steps_per_epoch``).
+    """
+    if steps_per_epoch is not None and batch_in_epoch >= steps_per_epoch:  # complete, counter not yet advanced
+        epoch, batch_in_epoch = epoch + 1, 0
+    if batch_in_epoch == 0:
+        return f"{epoch} epoch{'' if epoch == 1 else 's'} completed"
+    of_all = f" of {steps_per_epoch}" if steps_per_epoch is not None else ""
+    return f"epoch {epoch + 1}, {batch_in_epoch}{of_all} batch{'' if batch_in_epoch == 1 else 'es'} done"
+
+
+def epoch_of_last_step(state: Mapping[str, Any]) -> int:
+    """The epoch, counted from 1, in which a checkpoint's last step was taken (0 before any step).
+
+    ``state`` is a checkpoint's ``state`` dict, whose ``epoch`` counter is 0-based and advances
+    after an epoch's last step: ``epoch 2, batch 0`` follows the last step of epoch 2;
+    ``epoch 0, batch 10`` (``best.pt`` written by the validation closing epoch 1) and
+    ``epoch 1, batch 3`` are in epochs 1 and 2.
+    """
+    epoch, batch = int(state.get("epoch", 0)), int(state.get("batch_in_epoch", 0))
+    return epoch + 1 if batch > 0 else epoch
+
+
+def record_resume(run_dir: Path, config: TrainConfig, step: int) -> None:
+    """Rewrite ``RUN/config.toml`` with the resumed run's configuration, adding a comment line on the resume.
+
+    So ``matcaps train --config RUN/config.toml`` still trains the same run (e.g. for the
+    ``--epochs`` given when resuming), and the file tells which options changed when.
+    """
+    path = run_dir / CONFIG_FILE
+    saved = read_run_config(run_dir).to_dict()
+    current = config.to_dict()
+    changes = [f"{key} {saved[key]!r} -> {value!r}" for key, value in current.items() if saved[key] != value]
+    lines = path.read_text(encoding="utf-8").splitlines()
+    header = list(itertools.takewhile(lambda line: line.startswith("#"), lines))
+    when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    header.append(f"# resumed at step {step} on {when}" + (f": {', '.join(changes)}" if changes else ""))
+    write_text_atomic(path, "\n".join(header) + "\n" + to_toml(current))
+
+
+def _load_resume_checkpoint(run_dir: Path, trainer: Trainer) -> None:
+    """Load ``RUN/last.pt`` into ``trainer``; a damaged file says how to use the run's ``best.pt``."""
+    path = run_dir / LAST_CHECKPOINT
+    try:
+        payload = load_checkpoint(path, map_location=trainer.device)
+    except DamagedCheckpointError as error:
+        if error.alternative is None:
+            raise
+        raise CheckpointError(f"{error}: copy it to {path} to resume from step {error.alternative_step}") from None
+    try:
+        trainer.load_checkpoint(payload)
+    except KeyError as error:
+        raise CheckpointError(f"checkpoint {path} lacks {error}; it was not written by matcaps train") from None
 
 
 def write_run_files(run_dir: Path, config: TrainConfig, model_config: CapsNetConfig, context: DistributedContext,
@@ -113,9 +183,21 @@ def train_run(
     run_dir = Path(run_dir)
     trainer = Trainer(config, model_config, train_set, val_set, run_dir=run_dir, context=context, step_hook=step_hook)
     if resume:
-        trainer.load_checkpoint(load_checkpoint(run_dir / LAST_CHECKPOINT, map_location=trainer.device))
-        trainer.log(f"resuming {run_dir} at step {trainer.state.step} (epoch {trainer.state.epoch}, "
-                    f"batch {trainer.state.batch_in_epoch})")
+        _load_resume_checkpoint(run_dir, trainer)
+        state = trainer.state
+        progress = describe_progress(state.epoch, state.batch_in_epoch, trainer.steps_per_epoch)
+        validation_due = val_set is not None and config.val_every > 0 and state.validated_step != state.step
+        if state.step >= trainer.total_steps and not validation_due:
+            trainer.log(f"{run_dir} is already finished (step {state.step} of {trainer.total_steps}, {progress}); "
+                        "nothing to do: resume with a larger --epochs or --max-steps to train longer")
+            return TrainResult(
+                step=state.step, epoch=state.epoch, skipped_steps=state.skipped_steps,
+                best_val_accuracy=state.best_val_accuracy if state.best_step >= 0 else None,
+                last_val_accuracy=None, last_train_loss=None, run_dir=run_dir, batch_in_epoch=state.batch_in_epoch,
+            )  # fmt: skip
+        if trainer.context.is_main:
+            record_resume(run_dir, config, state.step)
+        trainer.log(f"resuming {run_dir} at step {state.step} ({progress})")
     elif trainer.context.is_main:
         info = {"parameters": count_parameters(trainer.model), **(extra_info or {})}
         write_run_files(run_dir, config, model_config, trainer.context, info)

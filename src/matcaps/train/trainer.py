@@ -99,6 +99,7 @@ class TrainResult:
     last_val_accuracy: float | None
     last_train_loss: float | None
     run_dir: Path | None
+    batch_in_epoch: int = 0
 
 
 StepHook = Callable[["Trainer"], None]
@@ -374,9 +375,9 @@ class Trainer:
             "skipped_steps": self.state.skipped_steps,
         }
         self.last_train_loss = values["loss"]
-        self.writer.scalars("train", self.state.step, self.state.epoch, values)
+        self.writer.scalars("train", self.state.step, self.state.epoch + 1, values)
         if self._gradient_norms:
-            self.writer.scalars("grad_norm", self.state.step, self.state.epoch, self._gradient_norms)
+            self.writer.scalars("grad_norm", self.state.step, self.state.epoch + 1, self._gradient_norms)
         self.writer.flush()  # a run killed mid-epoch keeps every logged step
         if not self.config.progress:
             remaining = (self.total_steps - self.state.step) * values["step_time_s"]
@@ -415,20 +416,20 @@ class Trainer:
             self.model, self.val_set, self.model_config.num_classes, batch_size=self.config.val_batch_size,
             margin=self.margin(), device=self.device, context=self.context, workers=self.config.workers,
             precision=self.config.precision, progress=self.config.progress and self.context.is_main,
-            description=f"validate {self.state.epoch}",
+            description=f"validate epoch {self.state.epoch + 1}",
         )  # fmt: skip
         # The routing's scratch pool grew to the validation batch; give it back for training.
         release_workspace()
         self.last_val = counts
         self.state.validated_step = self.state.step
-        self.writer.scalars("val", self.state.step, self.state.epoch, {"loss": counts.loss, "accuracy": counts.accuracy})
+        self.writer.scalars("val", self.state.step, self.state.epoch + 1, {"loss": counts.loss, "accuracy": counts.accuracy})
         improved = counts.accuracy > self.state.best_val_accuracy
         if improved:
             self.state.best_val_accuracy = counts.accuracy
             self.state.best_step = self.state.step
             self.save_checkpoint(BEST_CHECKPOINT)
         self.log(
-            f"epoch {self.state.epoch} step {self.state.step}: validation accuracy {counts.accuracy:.4f}, "
+            f"epoch {self.state.epoch + 1} step {self.state.step}: validation accuracy {counts.accuracy:.4f}, "
             f"loss {counts.loss:.4f}{' (best)' if improved else ''}"
         )
         return counts
@@ -467,7 +468,7 @@ class Trainer:
             step=self.state.step, epoch=self.state.epoch, skipped_steps=self.state.skipped_steps,
             best_val_accuracy=self.state.best_val_accuracy if self.state.best_step >= 0 else None,
             last_val_accuracy=self.last_val.accuracy if self.last_val else None,
-            last_train_loss=self.last_train_loss, run_dir=self.run_dir,
+            last_train_loss=self.last_train_loss, run_dir=self.run_dir, batch_in_epoch=self.state.batch_in_epoch,
         )  # fmt: skip
 
     def _fit(self) -> None:
@@ -480,7 +481,7 @@ class Trainer:
             if config.progress and self.context.is_main:
                 from tqdm.auto import tqdm
 
-                bar = tqdm(total=self.steps_per_epoch, initial=self.state.batch_in_epoch, desc=f"epoch {epoch}",
+                bar = tqdm(total=self.steps_per_epoch, initial=self.state.batch_in_epoch, desc=f"epoch {epoch + 1}",
                            dynamic_ncols=True, leave=False)  # fmt: skip
             self._window = _Window()
             for images, labels in loader:
