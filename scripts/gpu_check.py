@@ -79,6 +79,8 @@ DETERMINISM_RUNS: list[tuple[str, list[str]]] = [
     ("det-a", ["--deterministic"]), ("det-b", ["--deterministic"]), ("nondet-a", []), ("nondet-b", []),
 ]
 DETERMINISM_STEPS = 30
+#: Longest wait for those runs once the sweep is decided (they take seconds on a GPU).
+DETERMINISM_WAIT_SECONDS = 30
 
 
 @dataclass
@@ -181,9 +183,10 @@ def choose_winner(runs_root: Path, names: list[str]) -> tuple[str, dict]:
 def compare_weights(root: Path, jobs: list[Job]) -> dict:
     """Whether pairs of runs ended bit-identical: two deterministic runs, two default runs, and a
     deterministic run against one stopped half-way and resumed (resumption on the GPU)."""
+    deadline = time.monotonic() + DETERMINISM_WAIT_SECONDS
     for job in jobs:
         try:
-            job.process.wait(timeout=60)
+            job.process.wait(timeout=max(deadline - time.monotonic(), 1))
         except subprocess.TimeoutExpired:
             job.stop()
     import torch
@@ -237,7 +240,7 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=570.0, help="seconds for everything")
     parser.add_argument("--sweep-seconds", type=float, default=150.0, help="seconds before the sweep is decided")
     parser.add_argument("--reserve", type=float, default=60.0, help="seconds kept for testing and packing")
-    parser.add_argument("--min-training", type=float, default=400.0,
+    parser.add_argument("--min-training", type=float, default=380.0,
                         help="seconds of training the benchmarks must leave (they are cut short otherwise)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/matcaps-gpu"), help="scratch folder")
     parser.add_argument("--dry-run", action="store_true", help="the same flow on CPU with tiny limits")
@@ -286,7 +289,7 @@ def main() -> int:
     for index, (name, flags) in enumerate(benches):
         checks = [] if index == 0 else ["--no-verify"]  # the implementations are compared once, in float64
         code = run(matcaps("bench", *flags, *bench_common, *checks, "--json", str(logs / f"{name}.json")),
-                   logs / f"{name}.txt", min((35, 20)[index] if not args.dry_run else 60,
+                   logs / f"{name}.txt", min((45, 25)[index] if not args.dry_run else 60,
                                                         clock.left() - args.reserve - args.min_training), env)
         summary["phases"][name] = code
         if code != 0:

@@ -60,8 +60,11 @@ def test_damaged_file_advice_fits_the_download_setting(tmp_path: Path, download:
     (raw / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05\x01")
     monkeypatch.setattr("matcaps.data.cache.download_file", lambda *a, **k: pytest.fail("nothing is missing"))
     with pytest.raises(DataFormatError) as error:
-        prepare("mnist", tmp_path, download=download, progress=False)
+        prepare("mnist", tmp_path, download=download, progress=False, verify=False)
     assert str(error.value).endswith(advice)
+    with pytest.raises(DataFormatError) as error:  # the same file, refused by its checksum
+        prepare("mnist", tmp_path, download=download, progress=False)
+    assert ("rerun to download it again" in str(error.value)) == download
 
 
 def test_unknown_dataset_is_a_usage_error(tmp_path: Path) -> None:

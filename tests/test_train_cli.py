@@ -148,8 +148,8 @@ def test_resume_extends_a_finished_run_and_refuses_changes(config_file, tmp_path
         (["--resume", "{empty}"], "is not a run directory"),
         (["--model-option", "conv1_channels"], "expects KEY=VALUE"),
         (["--model-option", "conv_channels=3"], "unknown model option"),
-        (["--max-minutes", "0"], "max_minutes must be a positive number of minutes"),
-        (["--max-minutes", "nan"], "max_minutes must be a positive number of minutes"),
+        (["--max-minutes", "0"], "--max-minutes must be a positive number of minutes"),
+        (["--max-minutes", "nan"], "--max-minutes must be a positive number of minutes"),
         (["--model", "cnn-baseline", "--iters", "2"], "iters applies to capsule networks"),
         (["--model", "cnn-baseline", "--model-option", "routing.iterations=2"], "unknown option.*CNN baseline: routing"),
         (["--model", "cnn-baseline", "--model-option", "dropout=1.5"], r"dropout must be in \[0, 1\)"),
@@ -196,7 +196,7 @@ def test_console_script_reports_bad_options_in_a_subprocess(tmp_path):
     command = [str(script)] if script.exists() else [sys.executable, "-m", "matcaps"]
     result = subprocess.run([*command, "train", "--iters", "4"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 2
-    assert result.stderr == "matcaps train: error: option iters must be between 1 and 3, got 4\n"
+    assert result.stderr == "matcaps train: error: --iters must be between 1 and 3, got 4\n"
 
 
 def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(config_file, tmp_path):

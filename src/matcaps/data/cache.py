@@ -215,7 +215,9 @@ def _offline_advice(name: str, root: Path, missing: list[SourceFile]) -> str:
     )
 
 
-def inspect_sources(name: str, sources: dict[str, Path], verify: bool, progress: bool) -> dict[str, FileDigest]:
+def inspect_sources(
+    name: str, sources: dict[str, Path], verify: bool, progress: bool, download: bool = True
+) -> dict[str, FileDigest]:
     """Size and MD5 of every raw file (decompressed under the official size as a cap), verified if asked.
 
     Raises:
@@ -230,7 +232,7 @@ def inspect_sources(name: str, sources: dict[str, Path], verify: bool, progress:
         for key, path in sorted(sources.items()):
             digests[key] = digest_file(path, specs[key].layout.max_file_bytes, on_bytes=bar.update)
             if verify:
-                verify_digest(name, specs[key], digests[key])
+                verify_digest(name, specs[key], digests[key], download)
     return digests
 
 
@@ -473,7 +475,7 @@ def prepare(
     sources = locate_sources(name, root, download, progress)
     tmp: Path | None = None
     try:
-        digests = inspect_sources(name, sources, verify, progress)
+        digests = inspect_sources(name, sources, verify, progress, download)
         tmp = _fresh_dir(cache.parent, TMP_PREFIX)
         build_cache(name, sources, tmp, progress, digests, verified=verify)
         _swap_into_place(tmp, cache)

@@ -94,10 +94,11 @@ OFFICIAL_MD5: dict[str, dict[str, OfficialSums]] = {
 }
 
 #: What to do about a file that fails verification (the end of every :class:`ChecksumError`).
-_ADVICE = (
-    "the file is damaged, altered, swapped with another or not the official release: delete it and rerun "
-    "to download it again, or, for your own data, pass --no-verify (verify=False)"
-)
+def _advice(download: bool) -> str:
+    """What to do about a file that is not the official one (offline, downloading is no remedy)."""
+    remedy = "delete it and rerun to download it again" if download else "replace it with a good copy and rerun"
+    return (f"the file is damaged, altered, swapped with another or not the official release: {remedy}, or, for "
+            "your own data, pass --no-verify (verify=False)")
 
 
 def official_sums(name: str, source: SourceFile) -> OfficialSums | None:
@@ -105,8 +106,10 @@ def official_sums(name: str, source: SourceFile) -> OfficialSums | None:
     return OFFICIAL_MD5.get(check_dataset_name(name), {}).get(source.filename)
 
 
-def verify_digest(name: str, source: SourceFile, digest: FileDigest) -> None:
+def verify_digest(name: str, source: SourceFile, digest: FileDigest, download: bool = True) -> None:
     """Accept ``digest`` if it is the official file, gzipped as published or not.
+
+    ``download`` says whether a missing file would be downloaded, which decides the advice.
 
     Raises:
         ChecksumError: no published sum, or neither the file's MD5 nor its decompressed
@@ -116,7 +119,7 @@ def verify_digest(name: str, source: SourceFile, digest: FileDigest) -> None:
     sums = official_sums(name, source)
     if sums is None:
         raise ChecksumError(
-            f"{digest.path}: no published checksum is known for {source.filename} of {name}; {_ADVICE}"
+            f"{digest.path}: no published checksum is known for {source.filename} of {name}; {_advice(download)}"
         )
     if digest.gzipped and digest.file_md5 == sums.gz_md5:
         return
@@ -125,5 +128,5 @@ def verify_digest(name: str, source: SourceFile, digest: FileDigest) -> None:
     found = f"MD5 {digest.content_md5}" + (f" once decompressed (.gz MD5 {digest.file_md5})" if digest.gzipped else "")
     raise ChecksumError(
         f"{digest.path}: checksum mismatch for {source.filename} of {name}: expected MD5 {sums.content_md5} "
-        f"decompressed (official .gz: {sums.gz_md5}), found {found}; {_ADVICE}"
+        f"decompressed (official .gz: {sums.gz_md5}), found {found}; {_advice(download)}"
     )
