@@ -117,7 +117,7 @@ def test_killed_prepare_leftovers_are_ignored_and_removed(tmp_path: Path) -> Non
 def test_leftovers_of_dead_prepares_go_even_when_the_cache_is_kept(tmp_path: Path) -> None:
     """Every prepare (and ``matcaps data --force``) removes the temp dirs of prepares that are gone."""
     write_tiny_smallnorb(tmp_path, instances_per_split=1)
-    prepare("smallnorb", tmp_path, download=False, progress=False)
+    prepare("smallnorb", tmp_path, download=False, progress=False, verify=False)
     parent = tmp_path / "smallnorb"
     dead_pid = 2**22 + 12345  # above the default pid_max: no such process
     dead = [parent / f"{cache_module.TMP_PREFIX}{dead_pid}-0", parent / f"{cache_module.OLD_PREFIX}{dead_pid}-1"]
@@ -125,10 +125,10 @@ def test_leftovers_of_dead_prepares_go_even_when_the_cache_is_kept(tmp_path: Pat
     for directory in (*dead, alive):
         directory.mkdir()
         np.save(directory / "train_images.npy", np.zeros((3, 96, 96), np.uint8))
-    assert main(["data", "smallnorb", "--root", str(tmp_path), "--no-download", "--quiet"]) == 0  # already prepared
+    assert main(["data", "smallnorb", "--root", str(tmp_path), "--no-download", "--no-verify", "--quiet"]) == 0  # already prepared
     assert not any(d.exists() for d in dead) and alive.exists()
     dead[0].mkdir()
-    assert main(["data", "smallnorb", "--root", str(tmp_path), "--no-download", "--force", "--quiet"]) == 0
+    assert main(["data", "smallnorb", "--root", str(tmp_path), "--no-download", "--no-verify", "--force", "--quiet"]) == 0
     assert not dead[0].exists() and alive.exists()
     assert is_valid_cache("smallnorb", tmp_path)
 

@@ -159,9 +159,8 @@ def test_failed_downloads_list_every_file_still_missing(server, tmp_path: Path, 
     """Offline advice names all the files to fetch by hand, not only the one that failed first."""
     server.files = {"good/first.gz": b"one"}
     mirrors = (server.base + "good/",)
-    sources = tuple(SourceFile(key, name, mirrors) for key, name in [
-        ("train_images", "first.gz"), ("train_labels", "second.gz"), ("test_images", "third.gz"),
-        ("test_labels", "fourth.gz")])  # fmt: skip
+    names = {"train_images": "first.gz", "train_labels": "second.gz", "test_images": "third.gz", "test_labels": "fourth.gz"}
+    sources = tuple(replace(source, filename=names[source.key], mirrors=mirrors) for source in source_files("mnist"))
     monkeypatch.setattr("matcaps.data.cache.source_files", lambda name: sources)
     (tmp_path / "mnist" / "raw").mkdir(parents=True)
     (tmp_path / "mnist" / "raw" / "third.gz").write_bytes(b"already here")
