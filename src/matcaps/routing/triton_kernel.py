@@ -6,9 +6,10 @@ compiled for a GPU or run by Triton's interpreter (on CPU tensors, for the tests
 by Triton when this module is first imported: set ``TRITON_INTERPRET=1`` before that.
 
 One program handles one window, i.e. the ``C`` parents ``(n, l, c)`` at one parent position
-of one sample, ``BLOCK_C`` parent types at a time (a ``(BLOCK_C, I, H)`` tile of votes: one
-or two types on a GPU, where registers are the limit; all of them under the interpreter,
-whose cost is per operation).  For each block of parent types it
+of one sample, ``BLOCK_C`` parent types at a time (a ``(BLOCK_C, I, H)`` tile of votes: one type
+on a GPU, where registers are the limit, with one child per thread holding its ``H`` pose
+entries; all of them under the interpreter, whose cost is per operation).  For each block of
+parent types it
 
 1. computes the votes ``V_ih = Σ_y M_ixy W_icyz (+ offset_ih)`` of the window's ``I``
    children (``h = x·P + z``) into registers (or reads them, for given votes);
@@ -46,7 +47,7 @@ NUM_CONSTANTS = 5
 
 @triton.jit
 def em_iteration_kernel(
-    source_ptr,  # windows (N, L, I, P, P), or votes (N, L, C, I, H) if FROM_VOTES
+    source_ptr,  # windows (N, L, I, P, P) with H = P·P, or votes (N, L, C, I, H) if FROM_VOTES (P unused)
     transforms_ptr,  # (I, C, P, P)
     offsets_ptr,  # (I, H), read if HAS_OFFSETS
     child_activations_ptr,  # (N, L, I)
@@ -73,6 +74,7 @@ def em_iteration_kernel(
     child_positions,
     PARENT_TYPES: tl.constexpr,
     POSE: tl.constexpr,
+    ENTRIES: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -82,7 +84,6 @@ def em_iteration_kernel(
     HAS_OFFSETS: tl.constexpr,
     STORE_ROUTING: tl.constexpr,
 ):
-    ENTRIES: tl.constexpr = POSE * POSE
     # 64-bit offsets of this window's data; offsets inside a window are 32-bit (fewer registers).
     window = tl.program_id(0).to(tl.int64)  # n·L + l
     sample = window // num_windows
@@ -166,8 +167,9 @@ def em_iteration_kernel(
             log_variance_sum = tl.sum(tl.log(previous_variance), axis=1)  # masked entries read 1
             logits = (tl.log(previous_activation + epsilon) - 0.5 * (entries_log_2pi + log_variance_sum))[:, None]
             logits = logits - 0.5 * distance
-            routing = tl.exp(logits - child_max[None, :]) / child_total[None, :]
-            routing = tl.where(link_mask & is_child[None, :], routing, 0.0)
+            # exp(−inf) = 0 for padding slots and masked lanes (whose maximum was not read).
+            shifted = tl.where(link_mask & is_child[None, :], logits - child_max[None, :], float("-inf"))
+            routing = tl.exp(shifted) / child_total[None, :]
         if STORE_ROUTING:
             tl.store(routing_ptr + window_parents * children + link, routing, mask=link_mask)
 
@@ -184,7 +186,9 @@ def em_iteration_kernel(
         beta_v = tl.load(beta_v_ptr + parent_type, mask=type_mask, other=0.0)
         beta_a = tl.load(beta_a_ptr + parent_type, mask=type_mask, other=0.0)
         cost = cost_factor * data * (ENTRIES * beta_v + 0.5 * log_variance_sum)
-        activation = 1.0 / (1.0 + tl.exp(-inverse_temperature * (beta_a - cost)))
+        logit = inverse_temperature * (beta_a - cost)
+        decay = tl.exp(-tl.abs(logit))  # a sigmoid that never overflows: cost is often ~1e4
+        activation = tl.where(logit >= 0, 1.0 / (1.0 + decay), decay / (1.0 + decay))
         tl.store(mean_ptr + window_parents * ENTRIES + stat, mean, mask=stat_mask)
         tl.store(variance_ptr + window_parents * ENTRIES + stat, variance, mask=stat_mask)
         tl.store(activations_ptr + window_parents + parent_type, activation, mask=type_mask)

@@ -24,6 +24,7 @@ tests); otherwise :func:`route_capsules_triton` raises :class:`~matcaps.errors.C
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from types import ModuleType
 
 import torch
@@ -198,9 +199,7 @@ def _run_iterations(
     n, num_windows, children = child_activations.shape
     if from_votes:
         parent_types, entries = source.shape[2], source.shape[4]
-        pose_size = round(entries**0.5)
-        if pose_size * pose_size != entries:
-            raise ValueError(f"the Triton routing needs square poses: {entries} pose entries is not a square")
+        pose_size = 1  # unused: the votes are read, not computed
     else:
         parent_types, pose_size = transforms.shape[1], transforms.shape[-1]
         entries = pose_size * pose_size
@@ -234,16 +233,17 @@ def _run_iterations(
         variance = torch.empty_like(mean)
         activations = torch.empty(n, num_windows, parent_types, dtype=dtype, device=device)
         routing = torch.empty(n, num_windows, parent_types, children, dtype=dtype, device=device) if keep_trace else None
-        kernel[(n * num_windows,)](
-            source, transforms, offsets_arg, child_activations, slot_child_index, prior, child_max, child_total,
-            beta_v, beta_a, constants[iteration],
-            mean if first else previous.mean, variance if first else previous.variance,
-            activations if first else previous.activations,
-            mean, variance, activations, slot_max, slot_sum, slot_max if routing is None else routing,
-            num_windows, children, child_types, window_size, geometry.num_child_positions,
-            PARENT_TYPES=parent_types, POSE=pose_size, BLOCK_C=block_c, BLOCK_I=block_i, BLOCK_H=block_h, FIRST=first, LAST=last, FROM_VOTES=from_votes,
-            HAS_OFFSETS=offsets is not None, STORE_ROUTING=keep_trace, num_warps=warps,
-        )  # fmt: skip
+        with torch.cuda.device(device) if device.type == "cuda" else nullcontext():  # launch on the tensors' GPU
+            kernel[(n * num_windows,)](
+                source, transforms, offsets_arg, child_activations, slot_child_index, prior, child_max, child_total,
+                beta_v, beta_a, constants[iteration],
+                mean if first else previous.mean, variance if first else previous.variance,
+                activations if first else previous.activations,
+                mean, variance, activations, slot_max, slot_sum, slot_max if routing is None else routing,
+                num_windows, children, child_types, window_size, geometry.num_child_positions,
+                PARENT_TYPES=parent_types, POSE=pose_size, ENTRIES=entries, BLOCK_C=block_c, BLOCK_I=block_i, BLOCK_H=block_h, FIRST=first, LAST=last, FROM_VOTES=from_votes,
+                HAS_OFFSETS=offsets is not None, STORE_ROUTING=keep_trace, num_warps=warps,
+            )  # fmt: skip
         previous = RoutingTrace(routing, mean, variance, activations)
         if keep_trace:
             trace.append(previous)
