@@ -1,11 +1,24 @@
-"""Fixtures shared by several test modules."""
+"""Fixtures shared by several test modules.
+
+The ``triton`` routing runs on CPU tensors only under Triton's interpreter, which Triton
+enables for the kernels it defines while ``TRITON_INTERPRET=1``; it is set here, before any
+test module imports torch (which imports Triton) or the kernel, unless the caller chose:
+``TRITON_INTERPRET=0 pytest tests/test_routing_triton.py`` runs the compiled kernel's CUDA
+tests on a GPU machine instead.  Tests parametrised with ``implementation="triton"`` are
+skipped, with the reason, where the kernel cannot run on CPU (Triton missing, or the
+interpreter switched off).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
 
-import pytest
-import torch
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from collections.abc import Iterator  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture
@@ -17,3 +30,24 @@ def single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def triton_cpu_skip_reason() -> str | None:
+    """Why the ``triton`` routing cannot run on CPU tensors in this process, or None if it can."""
+    from matcaps.routing.triton_routing import interpreter_active, triton_import_error
+
+    problem = triton_import_error()
+    if problem is not None:
+        return f"triton is not importable ({problem}); install matcaps[triton]"
+    if not interpreter_active():
+        return "Triton's interpreter is off (TRITON_INTERPRET=0): the triton routing needs CUDA tensors"
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _skip_triton_on_cpu_without_interpreter(request: pytest.FixtureRequest) -> None:
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("implementation") == "triton":
+        reason = triton_cpu_skip_reason()
+        if reason is not None:
+            pytest.skip(reason)

@@ -1,14 +1,16 @@
 """EM routing between capsule layers (Hinton, Sabour & Frosst 2018, Procedure 1).
 
-The public entry point :func:`em_routing` dispatches to one of two implementations that
+The public entry point :func:`em_routing` dispatches to one of three implementations that
 give the same numbers:
 
 * ``"fused"`` (:mod:`matcaps.routing.fused`): a custom autograd function that keeps one
   votes-sized buffer per iteration and computes the backward pass by hand;
 * ``"naive"`` (:mod:`matcaps.routing.naive`): every intermediate materialised and
-  differentiated by autograd.
+  differentiated by autograd;
+* ``"triton"`` (:mod:`matcaps.routing.triton_routing`): a Triton kernel per EM iteration
+  that keeps each window's votes in registers (CUDA, or Triton's interpreter on CPU).
 
-Both follow the IBM implementation's three corrections (Gritzman 2019): routing weights
+All follow the IBM implementation's three corrections (Gritzman 2019): routing weights
 normalised over every parent a child reaches (positions and types), a variance floor and
 log-space E-step for parents with a single child, and a cost scaled by the data a parent
 receives and by the layer factor ``f_L``.
@@ -23,6 +25,7 @@ from matcaps.routing.config import EMRoutingConfig
 from matcaps.routing.fused import em_routing_fused, route_capsules_fused
 from matcaps.routing.geometry import RoutingGeometry
 from matcaps.routing.naive import em_routing_naive
+from matcaps.routing.triton_routing import em_routing_triton, route_capsules_triton
 from matcaps.routing.votes import compute_votes
 
 #: Dtypes that routing never runs in: under autocast its inputs are cast to float32, because
@@ -73,7 +76,7 @@ def em_routing(
     if votes.dim() != 5:
         raise ValueError(f"votes must have shape (N, L, C, I, H), got {tuple(votes.shape)}")
     _check_routing_inputs(votes.shape[:4], child_activations, beta_v, beta_a, geometry)
-    route = em_routing_fused if config.implementation == "fused" else em_routing_naive
+    route = {"fused": em_routing_fused, "naive": em_routing_naive, "triton": em_routing_triton}[config.implementation]
     with torch.autocast(votes.device.type, enabled=False):
         votes, child_activations, beta_v, beta_a = _full_precision(votes, child_activations, beta_v, beta_a)
         return route(votes, child_activations, beta_v, beta_a, geometry, config)
@@ -118,6 +121,10 @@ def route_capsules(
         if config.implementation == "naive":
             votes = compute_votes(windows, transforms, vote_offsets)
             return em_routing_naive(votes, child_activations, beta_v, beta_a, geometry, config)
+        if config.implementation == "triton":
+            return route_capsules_triton(
+                windows, transforms, child_activations, beta_v, beta_a, geometry, config, vote_offsets
+            )
         return route_capsules_fused(windows, transforms, child_activations, beta_v, beta_a, geometry, config, vote_offsets)
 
 
