@@ -243,3 +243,22 @@ def test_cnn_baseline_trains_and_tests_with_the_same_commands(data_root, tmp_pat
     report = json.loads((run / "test-standard-best.json").read_text())
     accuracy, confusion = independent_accuracy(run, "best.pt", data_root)
     assert report["accuracy"] == pytest.approx(accuracy) and report["confusion_matrix"] == confusion.tolist()
+
+
+def test_model_options_read_numbers_in_scientific_notation():
+    """YAML 1.1 reads ``1e-4`` as a string; a model option must get the number."""
+    from matcaps.cli.train import parse_model_options
+
+    options = parse_model_options(["routing.variance_floor=1e-4", "transform_init_std=0.3", "conv1_channels=8",
+                                   "coordinate_addition=false", "routing.implementation=naive"])  # fmt: skip
+    assert options == {"routing": {"variance_floor": 1e-4, "implementation": "naive"}, "transform_init_std": 0.3,
+                       "conv1_channels": 8, "coordinate_addition": False}  # fmt: skip
+    assert isinstance(options["conv1_channels"], int)
+
+
+def test_routing_options_of_the_wrong_type_are_named():
+    from matcaps.errors import ConfigError
+    from matcaps.routing import EMRoutingConfig
+
+    with pytest.raises(ConfigError, match="routing option variance_floor must be a number, got '1e-4'"):
+        EMRoutingConfig(variance_floor="1e-4")

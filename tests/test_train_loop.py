@@ -281,3 +281,15 @@ def test_deterministic_option_turns_on_deterministic_algorithms(tmp_path):
         trainer.fit()  # the routing's operations all have deterministic versions (an error would be raised)
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_a_validation_is_on_disk_before_the_next_step(tmp_path):
+    seen: list[list[int]] = []
+    config = tiny_config(epochs=1, log_every=100, val_every_steps=2, histogram_every=0)
+
+    def look(trainer: Trainer) -> None:
+        text = (tmp_path / "run" / "metrics.jsonl").read_text()
+        seen.append([json.loads(line)["step"] for line in text.splitlines() if '"val"' in line])
+
+    train_run(config, tiny_model_config(config), TinyImages(40), TinyImages(16, seed=1), tmp_path / "run", step_hook=look)
+    assert seen[1] == [2] and seen[3] == [2, 4]

@@ -119,16 +119,26 @@ def parse_model_options(items: list[str]) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--model-option expects KEY=VALUE, got {item!r}")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise ConfigError(f"--model-option {key}: cannot parse value {text!r}") from None
+        value = _parse_option_value(text, key)
         target = options
         *parents, leaf = key.strip().split(".")
         for parent in parents:
             target = target.setdefault(parent, {})
         target[leaf] = value
     return options
+
+
+def _parse_option_value(text: str, key: str) -> Any:
+    """A number if ``text`` is one (``1e-4`` included, which YAML 1.1 reads as a string), else a YAML scalar."""
+    for number in (int, float):
+        try:
+            return number(text)
+        except ValueError:
+            pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"--model-option {key}: cannot parse value {text!r}") from None
 
 
 def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:

@@ -53,6 +53,10 @@ class EMRoutingConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.iterations, int) or self.iterations < 1:
             raise ConfigError(f"routing iterations must be a positive integer, got {self.iterations!r}")
+        for name in ("final_inverse_temperature", "inverse_temperature_decay", "cost_scale", "variance_floor", "epsilon"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"routing option {name} must be a number, got {value!r}")
         if not self.final_inverse_temperature > 0:
             raise ConfigError(
                 f"final inverse temperature must be positive, got {self.final_inverse_temperature!r}"

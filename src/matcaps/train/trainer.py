@@ -295,6 +295,7 @@ class Trainer:
         if self.run_dir is None or not self.context.is_main:
             return None
         path = self.run_dir / name
+        self.writer.flush()  # the metrics of every step up to the checkpoint are on disk first
         save_atomic(self.checkpoint_payload(), path)
         return path
 
@@ -423,6 +424,7 @@ class Trainer:
         self.last_val = counts
         self.state.validated_step = self.state.step
         self.writer.scalars("val", self.state.step, self.state.epoch + 1, {"loss": counts.loss, "accuracy": counts.accuracy})
+        self.writer.flush()  # on disk before best.pt, so a killed run's files agree
         improved = counts.accuracy > self.state.best_val_accuracy
         if improved:
             self.state.best_val_accuracy = counts.accuracy
