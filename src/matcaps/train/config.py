@@ -31,6 +31,7 @@ from matcaps.allocator import ALLOCATOR_REGIMES
 from matcaps.errors import ConfigError
 from matcaps.losses import MarginSchedule
 from matcaps.models import CNN_BASELINE, MODEL_NAMES, CapsNetConfig, CNNBaselineConfig, ModelConfig, preset
+from matcaps.routing import ROUTING_IMPLEMENTATIONS
 
 #: Data splits ``matcaps.data`` knows (train/test viewpoints of smallNORB).
 SPLITS: tuple[str, ...] = ("standard", "azimuth", "elevation")
@@ -80,8 +81,9 @@ class TrainConfig:
                                 "smallNORB, mnist for 28x28 datasets) or cnn-baseline, Hinton et al.'s CNN "
                                 "trained with softmax cross-entropy", "model", choices=MODEL_NAMES)
     iters: int | None = _option(None, "int?", "EM routing iterations, 1 to 3 (default: the preset's, 2)", "model")
-    routing_impl: str | None = _option(None, "str?", "routing implementation: fused (default) or "
-                                       "naive (plain autograd)", "model", choices=("fused", "naive"))
+    routing_impl: str | None = _option(None, "str?", "routing implementation: fused (default), naive "
+                                       "(plain autograd) or triton (CUDA, pip install matcaps[triton])", "model",
+                                       choices=ROUTING_IMPLEMENTATIONS)
     model_options: dict[str, Any] = _option({}, "table", "changes to the preset's CapsNetConfig "
                                             "fields, e.g. conv1_channels=32 (repeatable)", "model")
     # Optimisation.
