@@ -20,9 +20,9 @@ from matcaps.errors import CheckpointError
 from matcaps.models import build_model, model_config_from_dict
 from matcaps.train.checkpoint import load_checkpoint, resolve_checkpoint
 from matcaps.train.config import TrainConfig
-from matcaps.train.distributed import resolve_device
+from matcaps.distributed import resolve_device
 from matcaps.train.run import epoch_of_last_step
-from matcaps.train.validation import evaluate_model
+from matcaps.scoring import evaluate_model
 
 
 @dataclass(frozen=True)

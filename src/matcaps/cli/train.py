@@ -204,7 +204,7 @@ def run_command(args: argparse.Namespace) -> int:
     from matcaps.data import DataConfig, load_splits
     from matcaps.models import CapsNetConfig
     from matcaps.train.config import resolve_model_config
-    from matcaps.train.distributed import setup_distributed, teardown_distributed
+    from matcaps.distributed import setup_distributed, teardown_distributed
     from matcaps.train.run import describe_progress, train_run
 
     config = resolve_config(args)

@@ -32,7 +32,7 @@ from matcaps.fsutil import write_text_atomic
 from matcaps.models import CapsNetConfig, count_parameters
 from matcaps.train.checkpoint import LAST_CHECKPOINT, DamagedCheckpointError, load_checkpoint
 from matcaps.train.config import RESUMABLE_CHANGES, TrainConfig, load_config_file, save_config, to_toml
-from matcaps.train.distributed import DistributedContext
+from matcaps.distributed import DistributedContext
 from matcaps.train.trainer import StepHook, Trainer, TrainResult
 
 #: Files of a run directory.

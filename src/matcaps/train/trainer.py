@@ -1,4 +1,4 @@
-"""The training loop: spread loss, Adam with continuous decay, validation, checkpoints, resumption.
+"""The training loop: one optimizer step per batch, validation, checkpoints, a time box, resumption.
 
 :class:`Trainer` takes datasets (not paths): the command line builds them with
 ``matcaps.data.load_splits`` and tests pass small in-memory ones.  One optimizer step
@@ -6,7 +6,7 @@ per batch; ``step`` counts the batches consumed, so the learning rate
 ``lr · lr_decay^(step / lr_decay_steps)`` and the margin of the spread loss are pure
 functions of it.  A step whose loss or gradients are not finite changes nothing (no
 optimizer update, the normalisation statistics are restored) and is counted in
-``skipped_steps``.
+``skipped_steps``.  What the run reports while it trains is :class:`TrainingMonitor`'s job.
 
 Exact resumption: the checkpoint holds the model, optimizer, scheduler, step, epoch,
 the position inside the epoch and the RNG states; the data order is a function of
@@ -18,28 +18,23 @@ from ``(seed, epoch)``, so a run resumed from step ``k`` computes the same steps
 
 from __future__ import annotations
 
-import math
-import os
-import random
-import resource
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+from matcaps.distributed import DistributedContext, all_agree, resolve_device
 from matcaps.errors import CheckpointError, ConfigError
 from matcaps.layers import InputNorm
 from matcaps.losses import classification_loss, l2_penalty, regularised_parameters
 from matcaps.models import ModelConfig, build_model, count_parameters, model_config_from_dict
 from matcaps.routing import release_workspace
+from matcaps.scoring import EvaluationCounts, autocast_context, evaluate_model
 from matcaps.train.checkpoint import (
     BEST_CHECKPOINT,
     CHECKPOINT_FORMAT,
@@ -49,112 +44,15 @@ from matcaps.train.checkpoint import (
     save_atomic,
 )
 from matcaps.train.config import TrainConfig
-from matcaps.train.distributed import DistributedContext, all_agree, all_reduce_sum, resolve_device
-from matcaps.train.metrics import MetricsWriter, NullWriter
+from matcaps.train.monitor import TrainingMonitor
+from matcaps.train.reproducibility import seed_everything, use_deterministic_algorithms
 from matcaps.train.sampler import EpochBatchSampler, epoch_seed
-from matcaps.train.validation import EvaluationCounts, autocast_context, evaluate_model
+from matcaps.train.state import TrainResult, TrainState
 
-#: Bytes per mebibyte, for the memory scalars.
-MIB = 1024**2
-#: ``ru_maxrss`` is in KiB on Linux and in bytes on macOS.
-RUSAGE_UNIT = 1 if sys.platform == "darwin" else 1024
-#: Samples of the batch whose routing is traced, iteration by iteration, for the histograms.
-TRACE_SAMPLES = 8
-#: cuBLAS workspace setting that makes its results reproducible (PyTorch's reproducibility notes).
-CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
 #: Seconds per minute, for ``--max-minutes``.
 SECONDS_PER_MINUTE = 60.0
 
-
-@dataclass
-class TrainState:
-    """Where a run stands; saved in every checkpoint.
-
-    Attributes:
-        step: Batches consumed so far (optimizer steps, skipped ones included).
-        epoch: Current epoch (0-based).
-        batch_in_epoch: Index of the next batch of ``epoch``.
-        skipped_steps: Steps whose loss or gradients were not finite.
-        best_val_accuracy: Best validation accuracy so far (-1 before any validation).
-        best_step: Step at which it was reached.
-    """
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    skipped_steps: int = 0
-    best_val_accuracy: float = -1.0
-    best_step: int = -1
-    validated_step: int = -1
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """Summary of a finished :meth:`Trainer.fit`."""
-
-    step: int
-    epoch: int
-    skipped_steps: int
-    best_val_accuracy: float | None
-    last_val_accuracy: float | None
-    last_train_loss: float | None
-    run_dir: Path | None
-    batch_in_epoch: int = 0
-
-
 StepHook = Callable[["Trainer"], None]
-
-
-@dataclass
-class _Window:
-    """Running sums of the training scalars of this process between two log steps."""
-
-    loss_sum: float = 0.0
-    correct: int = 0
-    count: int = 0
-    steps: int = 0
-    started: float = field(default_factory=time.perf_counter)
-
-    def images_per_s(self, global_batch: int) -> float:
-        return self.steps * global_batch / max(time.perf_counter() - self.started, 1e-9)
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    """Peak CUDA memory allocated on ``device``, or the process's peak resident memory on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / MIB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * RUSAGE_UNIT / MIB
-
-
-def format_duration(seconds: float) -> str:
-    """``1h02m``, ``12m05s`` or ``42s``: a duration for log lines."""
-    if not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
-def use_deterministic_algorithms() -> None:
-    """Make every operation reproducible, CUDA included (``--deterministic``).
-
-    ``index_add``/``index_select`` backward (the routing's cross-position normaliser) use
-    atomics on CUDA unless deterministic algorithms are requested; cuBLAS needs a fixed
-    workspace (``CUBLAS_WORKSPACE_CONFIG``, read when cuBLAS starts, so set it before the
-    first CUDA matrix product).
-    """
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = False
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch, numpy and python ``random`` (model initialisation draws from torch's)."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
 
 
 class Trainer:
@@ -223,21 +121,10 @@ class Trainer:
             len(train_set), self.local_batch, seed=config.seed, rank=self.context.rank,  # type: ignore[arg-type]
             world_size=self.context.world_size,
         )  # fmt: skip
-        self.writer: NullWriter = NullWriter()
-        self._captured: dict[str, Tensor] = {}
-        self._capture = False
-        self._routing_inputs: dict[str, tuple[Tensor, Tensor]] = {}
-        capsule_layers = getattr(self.model, "capsule_layers", None)
-        if not config.compile and capsule_layers is not None:
-            for name, layer in capsule_layers().items():
-                layer.register_forward_hook(self._make_capture_hook(name))
+        self.monitor = TrainingMonitor(self.model, config, self.context, self.log)
         self._started = time.monotonic()
-        self._log_due = False
-        self._gradient_norms: dict[str, float] = {}
         self.stopped_by_time = False
-        self._window = _Window()
         self.last_val: EvaluationCounts | None = None
-        self.last_train_loss: float | None = None
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -263,15 +150,6 @@ class Trainer:
         else:
             print(message, flush=True)
 
-    def _make_capture_hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: Any, outputs: tuple[Tensor, Tensor]) -> None:
-            if self._capture:
-                self._captured[name] = outputs[1].detach()
-                if hasattr(module, "trace") and len(inputs) == 2:  # a routed layer: keep a few inputs to trace
-                    self._routing_inputs[name] = tuple(t.detach()[:TRACE_SAMPLES] for t in inputs)  # type: ignore[assignment]
-
-        return hook
-
     def margin(self, step: int | None = None) -> float:
         return self.schedule(self.state.step if step is None else step)
 
@@ -295,7 +173,7 @@ class Trainer:
         if self.run_dir is None or not self.context.is_main:
             return None
         path = self.run_dir / name
-        self.writer.flush()  # the metrics of every step up to the checkpoint are on disk first
+        self.monitor.flush()  # the metrics of every step up to the checkpoint are on disk first
         save_atomic(self.checkpoint_payload(), path)
         return path
 
@@ -334,6 +212,7 @@ class Trainer:
             total = loss + l2_penalty(regularised_parameters(self.model), self.config.weight_decay)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
+        self.monitor.after_backward()
         gradients = [p.grad for p in self.model.parameters() if p.grad is not None]
         finite = torch.isfinite(total)
         if gradients:
@@ -349,65 +228,10 @@ class Trainer:
             self.state.skipped_steps += 1
         self.scheduler.step()
         self.state.step += 1
-        if self._capture or self._log_due:
-            self._gradient_norms = {
-                name: float(p.grad.norm()) for name, p in self.model.named_parameters() if p.grad is not None
-            }
         correct = (scores.detach().argmax(dim=1) == labels).sum()
         return loss.detach(), correct, applied
 
-    # ------------------------------------------------------------------ monitoring
-
-    def _log_train(self, window: _Window) -> None:
-        totals = all_reduce_sum(
-            torch.tensor([window.loss_sum, window.correct, window.count], dtype=torch.float64, device=self.device),
-            self.context,
-        )
-        loss_sum, correct, count = totals.tolist()
-        elapsed = max(time.perf_counter() - window.started, 1e-9)
-        values = {
-            "loss": loss_sum / count if count else math.nan,
-            "accuracy": correct / count if count else math.nan,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "margin": self.margin(),
-            "images_per_s": window.images_per_s(self.config.batch_size),
-            "step_time_s": elapsed / max(window.steps, 1),
-            "peak_memory_mib": peak_memory_mib(self.device),
-            "skipped_steps": self.state.skipped_steps,
-        }
-        self.last_train_loss = values["loss"]
-        self.writer.scalars("train", self.state.step, self.state.epoch + 1, values)
-        if self._gradient_norms:
-            self.writer.scalars("grad_norm", self.state.step, self.state.epoch + 1, self._gradient_norms)
-        self.writer.flush()  # a run killed mid-epoch keeps every logged step
-        if not self.config.progress:
-            remaining = (self.total_steps - self.state.step) * values["step_time_s"]
-            self.log(
-                f"step {self.state.step}/{self.total_steps} epoch {self.state.epoch + 1}: loss {values['loss']:.4f}, "
-                f"accuracy {values['accuracy']:.4f}, {values['images_per_s']:.1f} images/s, "
-                f"ETA {format_duration(remaining)}"
-            )
-
-    def _log_histograms(self) -> None:
-        """Activations per layer and per EM iteration, ``β_a``/``β_v``, and gradient norms."""
-        for name, activations in self._captured.items():
-            self.writer.histogram(f"activations/{name}", self.state.step, activations)
-        for name, parameter in self.model.named_parameters():
-            if name.endswith(("beta_a", "beta_v")):
-                self.writer.histogram(f"beta/{name}", self.state.step, parameter)
-        layers = getattr(self.model, "capsule_layers", dict)()
-        with torch.no_grad():
-            for name, (poses, activations) in self._routing_inputs.items():
-                for iteration, trace in enumerate(layers[name].trace(poses, activations), start=1):
-                    self.writer.histogram(f"routing/{name}/iteration{iteration}/activations", self.state.step,
-                                          trace.activations)
-                    self.writer.histogram(f"routing/{name}/iteration{iteration}/log_variance", self.state.step,
-                                          trace.variance.log())
-        if self._gradient_norms:
-            self.writer.histogram("grad_norm/all_parameters", self.state.step,
-                                  torch.tensor(list(self._gradient_norms.values())))
-        self._captured.clear()
-        self._routing_inputs.clear()
+    # ------------------------------------------------------------------ validation
 
     def validate(self) -> EvaluationCounts | None:
         """Score the validation set; keep ``best.pt`` if the accuracy improved."""
@@ -423,8 +247,7 @@ class Trainer:
         release_workspace()
         self.last_val = counts
         self.state.validated_step = self.state.step
-        self.writer.scalars("val", self.state.step, self.state.epoch + 1, {"loss": counts.loss, "accuracy": counts.accuracy})
-        self.writer.flush()  # on disk before best.pt, so a killed run's files agree
+        self.monitor.validation(self.state, counts.loss, counts.accuracy)  # on disk before best.pt
         improved = counts.accuracy > self.state.best_val_accuracy
         if improved:
             self.state.best_val_accuracy = counts.accuracy
@@ -451,8 +274,7 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         """Train until ``total_steps``; returns a summary."""
-        if self.context.is_main and self.run_dir is not None:
-            self.writer = MetricsWriter(self.run_dir)
+        self.monitor.open(self.run_dir)
         self.log(
             f"training {count_parameters(self.model):,} parameters on {self.device} "
             f"({self.context.world_size} process(es)), {self.steps_per_epoch} steps/epoch, "
@@ -462,7 +284,7 @@ class Trainer:
         try:
             self._fit()
         finally:
-            self.writer.close()
+            self.monitor.close()
         if self.stopped_by_time:
             self.log(f"stopped at step {self.state.step} after the time limit of {self.config.max_minutes:g} "
                      f"minute(s); continue with --resume")
@@ -470,7 +292,7 @@ class Trainer:
             step=self.state.step, epoch=self.state.epoch, skipped_steps=self.state.skipped_steps,
             best_val_accuracy=self.state.best_val_accuracy if self.state.best_step >= 0 else None,
             last_val_accuracy=self.last_val.accuracy if self.last_val else None,
-            last_train_loss=self.last_train_loss, run_dir=self.run_dir, batch_in_epoch=self.state.batch_in_epoch,
+            last_train_loss=self.monitor.last_train_loss, run_dir=self.run_dir, batch_in_epoch=self.state.batch_in_epoch,
         )  # fmt: skip
 
     def _fit(self) -> None:
@@ -485,7 +307,6 @@ class Trainer:
 
                 bar = tqdm(total=self.steps_per_epoch, initial=self.state.batch_in_epoch, desc=f"epoch {epoch + 1}",
                            dynamic_ncols=True, leave=False)  # fmt: skip
-            self._window = _Window()
             for images, labels in loader:
                 self._run_batch(images, labels, bar)
                 if self.state.step >= self.total_steps or self._out_of_time():
@@ -498,7 +319,7 @@ class Trainer:
                 self.state.epoch += 1
                 self.state.batch_in_epoch = 0
                 self.save_checkpoint()
-            self.writer.flush()
+            self.monitor.flush()
             if self.stopped_by_time:
                 break
         if self.val_set is not None and config.val_every and self.state.validated_step != self.state.step:
@@ -515,32 +336,20 @@ class Trainer:
         return self.stopped_by_time
 
     def _run_batch(self, images: Tensor, labels: Tensor, bar: Any) -> None:
-        """Train on one batch; then log, write histograms and checkpoint as due, and call the hook."""
+        """Train on one batch; then report, validate and checkpoint as due, and call the hook."""
         config = self.config
-        window = self._window
         images = images.to(self.device, self.dtype, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True).long().view(-1)
-        self._capture = config.histogram_every > 0 and (self.state.step + 1) % config.histogram_every == 0
-        self._log_due = (self.state.step + 1) % config.log_every == 0
+        self.monitor.before_step(self.state.step + 1)
         loss, correct, applied = self.train_step(images, labels)
-        self._capture = False
         self.state.batch_in_epoch += 1
         step = self.state.step
-        window.steps += 1
-        if applied:
-            window.loss_sum += float(loss) * labels.numel()
-            window.correct += int(correct)
-            window.count += labels.numel()
-        if step % config.log_every == 0:
-            self._log_train(window)
-            self._window = _Window()
-        if config.histogram_every and step % config.histogram_every == 0:
-            self._log_histograms()
+        scalars = {"lr": self.optimizer.param_groups[0]["lr"], "margin": self.margin()}
+        self.monitor.after_step(self.state, float(loss), int(correct), labels.numel(), applied, scalars,
+                                self.total_steps)  # fmt: skip
         if bar is not None:
             bar.update(1)
-            if window.count:
-                bar.set_postfix(loss=f"{window.loss_sum / window.count:.4f}", acc=f"{window.correct / window.count:.3f}",
-                                img_s=f"{window.images_per_s(config.batch_size):.0f}", refresh=False)  # fmt: skip
+            bar.set_postfix(self.monitor.progress_postfix(), refresh=False)
         if config.val_every_steps and step % config.val_every_steps == 0 and self.state.batch_in_epoch < self.steps_per_epoch:
             self.validate()  # mid-epoch; an epoch's last step is validated by the epoch end
         if config.checkpoint_every and step % config.checkpoint_every == 0:

@@ -1,4 +1,8 @@
-"""Scoring a model on a dataset: confusion matrix and mean training loss (spread or cross-entropy), optionally sharded over processes."""
+"""Scoring a model on a dataset: confusion matrix and mean training loss, optionally sharded over processes.
+
+Used by validation during training and by ``matcaps test``; the loss is the network's own
+(``loss_kind``: the spread loss of capsule networks, cross-entropy of the CNN baseline).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from matcaps.losses import classification_loss
-from matcaps.train.distributed import DistributedContext, all_reduce_sum
+from matcaps.distributed import DistributedContext, all_reduce_sum
 
 
 @dataclass(frozen=True)
