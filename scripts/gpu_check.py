@@ -279,9 +279,10 @@ def main() -> int:
     # 2. Benchmarks (before the trainings, so they have the GPU to themselves).
     bench_common = ["--device", device, "--warmup", "2", "--steps", "3" if args.dry_run else "8"]
     benches = [
-        ("bench-smallnorb-b64-fp32", ["--model", "smallnorb", "--batch-size", "64", "--iters", "2", "--impl", "fused", "naive"]),
-        ("bench-smallnorb-b64-bf16", ["--model", "smallnorb", "--batch-size", "64", "--iters", "2", "--impl", "fused",
-                                      "--dtype", "bf16"]),
+        ("bench-smallnorb-b64-fp32", ["--model", "smallnorb", "--batch-size", "64", "--iters", "2",
+                                      "--routing-impl", "fused", "naive"]),
+        ("bench-smallnorb-b64-bf16", ["--model", "smallnorb", "--batch-size", "64", "--iters", "2",
+                                      "--routing-impl", "fused", "--precision", "bf16"]),
     ]
     if args.dry_run:
         benches = [(name, [*flags, "--set", "conv1_channels=8", "--batch-size", "4"]) for name, flags in benches[:1]]

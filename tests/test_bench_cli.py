@@ -65,11 +65,13 @@ def test_bench_measures_both_implementations_and_writes_the_documented_json(tmp_
     [
         (["--iters", "4"], "--iters"),
         (["--model", "cifar"], "--model: unknown model 'cifar'"),
-        (["--impl", "fast"], "--impl: unknown routing implementation 'fast'"),
+        (["--impl", "fast"], "--routing-impl: unknown routing implementation 'fast'"),
+        (["--routing-impl", "fused", "fused"], "--routing-impl: an implementation is listed twice"),
         (["--set", "conv1_channels=many"], "--set conv1_channels"),
         (["--set", "wings=2"], "--set: unknown model option 'wings'"),
         (["--steps", "0"], "--steps"),
-        (["--dtype", "fp16"], "--dtype"),
+        (["--dtype", "fp16"], "--precision"),
+        (["--precision", "fp16"], "--precision: unknown value 'fp16'"),
         (["--allocator", "jemalloc"], "--allocator"),
     ],
 )
@@ -87,7 +89,7 @@ def test_help_is_wrapped_at_80_columns_and_shows_defaults_and_choices(capsys, mo
     assert max(len(line) for line in text.splitlines()) <= 80
     assert "(default " not in text  # always "(default: …)", as the other commands write it
     flat = " ".join(text.split())
-    for shown in ("--model {" + ",".join(PRESETS) + "}", "--dtype {fp32,bf16}", "--allocator {default,tuned}",
+    for shown in ("--model {" + ",".join(PRESETS) + "}", "--precision {fp32,bf16}", "--allocator {default,tuned}",
                   "--iters {1,2,3}", "auto, cpu, cuda or cuda:N", "(default: smallnorb)", "(default: fp32)",
                   "(default: default)", "seed of the weights and random input (default: 0)", "(default: cpu)"):
         assert shown in flat, shown

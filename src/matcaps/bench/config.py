@@ -16,10 +16,10 @@ from typing import Any
 
 from matcaps.errors import ConfigError
 from matcaps.models import PRESETS, CapsNetConfig, preset
-from matcaps.routing import ROUTING_IMPLEMENTATIONS
+from matcaps.routing import MAX_ITERATIONS, ROUTING_IMPLEMENTATIONS
 
 #: Routing iterations the bench accepts (``--iters``): Hinton et al. use 3, Gritzman 2.
-ITERATION_CHOICES: tuple[int, ...] = (1, 2, 3)
+ITERATION_CHOICES: tuple[int, ...] = tuple(range(1, MAX_ITERATIONS + 1))
 #: Devices the bench can run on, as ``--device`` accepts them (``cuda:N`` is the N-th GPU; ``auto``
 #: is ``cuda`` when a GPU is visible, else ``cpu``), like ``matcaps train --device``.
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "cuda:N")
@@ -108,20 +108,20 @@ class BenchConfig:
         if not isinstance(self.device, str) or DEVICE_PATTERN.fullmatch(self.device) is None:
             raise ConfigError(f"--device: unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
         for option, value, choices in (
-            ("--dtype", self.dtype, DTYPES),
+            ("--precision", self.dtype, DTYPES),
             ("--allocator", self.allocator, ALLOCATORS),
         ):
             if value not in choices:
                 raise ConfigError(f"{option}: unknown value {value!r}; choose one of {', '.join(choices)}")
         if not self.implementations:
-            raise ConfigError("--impl: give at least one routing implementation")
+            raise ConfigError("--routing-impl: give at least one routing implementation")
         for name in self.implementations:
             if name not in ROUTING_IMPLEMENTATIONS:
                 raise ConfigError(
-                    f"--impl: unknown routing implementation {name!r}; choose from {', '.join(ROUTING_IMPLEMENTATIONS)}"
+                    f"--routing-impl: unknown routing implementation {name!r}; choose from {', '.join(ROUTING_IMPLEMENTATIONS)}"
                 )
         if len(set(self.implementations)) != len(self.implementations):
-            raise ConfigError(f"--impl: an implementation is listed twice: {' '.join(self.implementations)}")
+            raise ConfigError(f"--routing-impl: an implementation is listed twice: {' '.join(self.implementations)}")
         self.model_config()  # validates --set against the preset
 
     def model_config(self, implementation: str | None = None) -> CapsNetConfig:
@@ -152,7 +152,7 @@ def parse_model_option(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` of ``--set`` → ``(key, value)`` typed like the :class:`CapsNetConfig` field.
 
     Integers and booleans (``true``/``false``/``1``/``0``) are accepted for the integer and
-    boolean fields; ``routing`` cannot be set this way (use ``--iters`` and ``--impl``).
+    boolean fields; ``routing`` cannot be set this way (use ``--iters`` and ``--routing-impl``).
     """
     key, separator, raw = text.partition("=")
     key, raw = key.strip(), raw.strip()

@@ -132,7 +132,7 @@ def run_worker(config: BenchConfig, implementation: str, phase: str) -> dict[str
         completed = subprocess.run(command, check=False)
         if completed.returncode != 0 or not result_path.exists():
             raise BenchWorkerError(
-                f"the worker measuring the {phase} phase of --impl {implementation} failed with exit code "
+                f"the worker measuring the {phase} phase of --routing-impl {implementation} failed with exit code "
                 f"{completed.returncode} (its output is above)"
             )
         return json.loads(result_path.read_text(encoding="utf-8"))

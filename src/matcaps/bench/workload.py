@@ -24,7 +24,7 @@ from matcaps.models import CapsNet, CapsNetConfig, build_model
 LEARNING_RATE = 3e-3
 #: The spread-loss margin at the start of training (0.214 with the IBM schedule).
 MARGIN = MarginSchedule()(0)
-#: Torch dtype of each ``--dtype`` under autocast (None: no autocast).
+#: Torch dtype of each ``--precision`` under autocast (None: no autocast).
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 
 

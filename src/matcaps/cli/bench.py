@@ -62,12 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="EM-routing iterations (default: 2)")
     parser.add_argument("--device", default="cpu",
                         help=f"{', '.join(DEVICES[:-1])} or {DEVICES[-1]}; auto: cuda if available (default: cpu)")
-    parser.add_argument("--dtype", default="fp32", metavar=_choices(DTYPES),
-                        help="bf16 = autocast, the routing stays fp32 (default: fp32)")
+    parser.add_argument("--precision", "--dtype", dest="dtype", default="fp32", metavar=_choices(DTYPES),
+                        help="bf16 = autocast, the routing stays fp32; as matcaps train --precision (default: fp32)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads per worker (default: PyTorch's)")
     parser.add_argument(
-        "--impl", nargs="+", default=["fused"], metavar="IMPL",
-        help=f"routing implementation(s) to measure: {', '.join(ROUTING_IMPLEMENTATIONS)} (default: fused)",
+        "--routing-impl", "--impl", dest="impl", nargs="+", default=["fused"], metavar="IMPL",
+        help=f"routing implementation(s) to measure: {', '.join(ROUTING_IMPLEMENTATIONS)}; as matcaps train "
+             "--routing-impl, which takes one (default: fused)",
     )  # fmt: skip
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help=f"untimed steps per phase (default: {DEFAULT_WARMUP})")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"timed steps per phase (default: {DEFAULT_STEPS})")

@@ -10,7 +10,7 @@
 * :func:`release_workspace`: free the scratch memory the fused routing keeps on CPU.
 """
 
-from matcaps.routing.config import LOG_2PI, ROUTING_IMPLEMENTATIONS, EMRoutingConfig
+from matcaps.routing.config import LOG_2PI, MAX_ITERATIONS, ROUTING_IMPLEMENTATIONS, EMRoutingConfig
 from matcaps.routing.em import em_routing, route_capsules
 from matcaps.routing.geometry import RoutingGeometry
 from matcaps.routing.naive import RoutingTrace, trace_em_routing
@@ -21,6 +21,7 @@ from matcaps.routing.workspace import release_workspace, workspace_bytes
 __all__ = [
     "EMRoutingConfig",
     "LOG_2PI",
+    "MAX_ITERATIONS",
     "ROUTING_IMPLEMENTATIONS",
     "RoutingGeometry",
     "RoutingTrace",

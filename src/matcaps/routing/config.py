@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 from matcaps.errors import ConfigError
 
+#: Highest number of EM iterations the commands accept (Hinton et al. use 3; Gritzman found 2 best).
+MAX_ITERATIONS = 3
+
 #: Routing implementations that give the same numbers (see ``matcaps.routing.em``).
 ROUTING_IMPLEMENTATIONS: tuple[str, ...] = ("fused", "naive", "triton")
 

@@ -3,7 +3,7 @@
 This is a plain transcription of Procedure 1 of Hinton et al. (2018) with the three
 corrections of Gritzman (2019): every intermediate is a full ``(N, L, I, C, H)`` tensor
 and autograd stores them all for the backward pass.  It is kept as the baseline against
-which ``matcaps bench --impl naive`` measures the fused implementation, and as a second,
+which ``matcaps bench --routing-impl naive`` measures the fused implementation, and as a second,
 readable statement of the algorithm.
 """
 

@@ -59,7 +59,7 @@ def _kernel_module() -> ModuleType:
     if problem is not None:
         raise ConfigError(
             f"routing implementation 'triton' needs the triton package ({problem}); "
-            "install it with pip install 'matcaps[triton]' or choose --impl fused"
+            "install it with pip install 'matcaps[triton]' or choose --routing-impl fused"
         )
     from matcaps.routing import triton_kernel
 

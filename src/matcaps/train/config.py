@@ -31,15 +31,15 @@ from matcaps.allocator import ALLOCATOR_REGIMES
 from matcaps.errors import ConfigError
 from matcaps.losses import MarginSchedule
 from matcaps.models import CNN_BASELINE, MODEL_NAMES, CapsNetConfig, CNNBaselineConfig, ModelConfig, preset
-from matcaps.routing import ROUTING_IMPLEMENTATIONS
+from matcaps.routing import MAX_ITERATIONS, ROUTING_IMPLEMENTATIONS
 
 #: Data splits ``matcaps.data`` knows (train/test viewpoints of smallNORB).
 SPLITS: tuple[str, ...] = ("standard", "azimuth", "elevation")
 #: Numeric precisions: fp32; bf16 autocast (CUDA); fp64 weights and inputs (slow; for checks
 #: that must not depend on float32 rounding, e.g. that data parallelism changes nothing).
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp64")
-#: Highest number of EM iterations accepted (Hinton et al. use 3; more diverges).
-MAX_ROUTING_ITERATIONS = 3
+#: Highest number of EM iterations accepted (defined with the routing).
+MAX_ROUTING_ITERATIONS = MAX_ITERATIONS
 #: Suffixes of the configuration files that ``load_config_file`` reads.
 CONFIG_SUFFIXES: tuple[str, ...] = (".toml", ".yaml", ".yml", ".json")
 #: Options that may differ from the saved configuration when a run is resumed.
