@@ -56,6 +56,35 @@ def test_rng_states_round_trip():
     assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
 
 
+#: Devices a checkpoint can be loaded onto here (``train_run`` loads onto the training device).
+MAP_LOCATIONS = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("map_location", MAP_LOCATIONS)
+def test_rng_states_round_trip_through_a_checkpoint_loaded_onto_any_device(tmp_path, map_location):
+    """``--resume`` on CUDA loads the checkpoint onto the GPU, RNG states included."""
+    path = tmp_path / LAST_CHECKPOINT
+    save_atomic({"format": CHECKPOINT_FORMAT, "rng": capture_rng_state()}, path)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    cuda_expected = torch.rand(3, device="cuda") if torch.cuda.is_available() else None
+    loaded = load_checkpoint(path, map_location=map_location)["rng"]
+    assert loaded["torch"].device.type == map_location and loaded["numpy"]["keys"].device.type == map_location
+    restore_rng_state(loaded)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
+    if cuda_expected is not None:
+        assert torch.equal(torch.rand(3, device="cuda"), cuda_expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_a_run_on_cuda_resumes(tmp_path):
+    config = tiny_config(epochs=1, device="cuda")
+    train_run(config, tiny_model_config(config), TinyImages(40), None, tmp_path / "run")
+    longer = config.replace(epochs=2)
+    result = train_run(longer, tiny_model_config(longer), TinyImages(40), None, tmp_path / "run", resume=True)
+    assert load_checkpoint(tmp_path / "run" / LAST_CHECKPOINT)["state"]["step"] == 10, result
+
+
 def test_sampler_order_depends_only_on_seed_and_epoch_and_can_skip():
     sampler = EpochBatchSampler(50, 8, seed=5)
     sampler.set_epoch(2)

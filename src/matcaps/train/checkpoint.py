@@ -49,17 +49,26 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state`."""
-    torch.set_rng_state(state["torch"])
+    """Inverse of :func:`capture_rng_state`.
+
+    Works whatever device the checkpoint was loaded onto (``torch.load(map_location=...)``
+    moves the state tensors too): every generator state is restored from a CPU copy.
+    """
+    torch.set_rng_state(_cpu_bytes(state["torch"]))
     numpy_state = state["numpy"]
     np.random.set_state((
-        numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
+        numpy_state["kind"], numpy_state["keys"].cpu().numpy().astype(np.uint32), numpy_state["position"],
         numpy_state["has_gauss"], numpy_state["cached_gauss"],
     ))  # fmt: skip
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_cpu_bytes(s) for s in state["cuda"]])
+
+
+def _cpu_bytes(generator_state: torch.Tensor) -> torch.Tensor:
+    """A generator state as the CPU ``uint8`` tensor that ``set_rng_state`` requires."""
+    return generator_state.detach().to("cpu", torch.uint8)
 
 
 def _default_file_mode() -> int:
