@@ -166,22 +166,23 @@ class _IterationState:
         routing: ``(N, L, C, I)`` routing weights ``r`` the M-step used.
         weights: ``(N, L, C, I)`` normalised weights ``w = r a_in / (R + ε)``.
         data: ``(N, L, C)`` data received ``R``.
-        mean, variance: ``(B, 1, H)`` ``μ`` and ``σ²`` (floor included).
+        variance: ``(B, 1, H)`` ``σ²`` (floor included).
         activations: ``(N, L, C)`` ``a``.
         inverse_temperature: ``λ_t``.
+
+    The means are not kept: the backward pass recomputes them from the centred votes.
     """
 
     routing: Tensor
     weights: Tensor
     data: Tensor
-    mean: Tensor
     variance: Tensor
     activations: Tensor
     inverse_temperature: float
 
 
 #: The tensor fields of :class:`_IterationState`, in the order :func:`_pack_states` saves them.
-_STATE_TENSORS = ("routing", "weights", "data", "mean", "variance", "activations")
+_STATE_TENSORS = ("routing", "weights", "data", "variance", "activations")
 
 
 def _pack_states(states: list[_IterationState]) -> list[Tensor]:
@@ -271,7 +272,7 @@ def _routing_forward(
     config: EMRoutingConfig,
     squared_deviations: Tensor,
     votes_shape: torch.Size,
-) -> list[_IterationState]:
+) -> tuple[list[_IterationState], Tensor]:
     """Run the EM iterations without autograd.
 
     Args:
@@ -283,7 +284,8 @@ def _routing_forward(
         votes_shape: ``(N, L, C, I, H)``.
 
     Returns:
-        One state per iteration; the last holds the outputs.
+        One state per iteration (the last holds the activations) and the final means
+        ``(B, 1, H)``, ``μ = W c + Σ_i w (V − c)``.
     """
     n, num_windows, parent_types, children, entries = votes_shape
     batch = n * num_windows * parent_types
@@ -298,13 +300,12 @@ def _routing_forward(
         row_weights = weights.view(batch, 1, children)
         centred_sum = torch.bmm(row_weights, centred)  # Σ w (V − c)        (B, 1, H)
         deviation = centred_sum - _shortfall(data, config) * centre  # μ − c = Σ w (V − c) − (1 − W) c
-        mean = torch.addcmul(centred_sum, _weight_total(data, config), centre)  # μ = W c + Σ w (V − c)
         torch.sub(centred, deviation, out=squared_deviations).square_()  # Q = (V − μ)²
         variance = torch.bmm(row_weights, squared_deviations).add_(config.variance_floor)  # σ²
         log_variance_sum = variance.log().sum(dim=-1).view(n, num_windows, parent_types)
         cost = cost_factor * data * (entries * beta_v + 0.5 * log_variance_sum)
         activations = torch.sigmoid(inverse_temperature * (beta_a - cost))  # (N, L, C)
-        states.append(_IterationState(routing, weights, data, mean, variance, activations, inverse_temperature))
+        states.append(_IterationState(routing, weights, data, variance, activations, inverse_temperature))
         if iteration < config.iterations - 1:
             # z = ln(a + ε) + ln p,  ln p = −½ Σ_h Q/σ² − ½ Σ_h ln(2π σ²)
             scaled_distance = torch.bmm(squared_deviations, variance.reciprocal().transpose(1, 2))  # (B, I, 1)
@@ -312,7 +313,7 @@ def _routing_forward(
             logits = scaled_distance.view(n, num_windows, parent_types, children).mul_(-0.5)
             logits += (torch.log(activations + config.epsilon) - log_normaliser).unsqueeze(-1)
             routing = softmax_over_parents(logits, geometry)
-    return states
+    return states, torch.addcmul(centred_sum, _weight_total(data, config), centre)  # μ = W c + Σ w (V − c)
 
 
 # ---------------------------------------------------------------------------- backward pass
@@ -515,7 +516,7 @@ def _routing_backward(
     final = states[-1]
 
     grads = _StepGradients(
-        torch.zeros_like(final.mean) if grad_mean_out is None else grad_mean_out.reshape(batch, 1, entries),
+        torch.zeros_like(final.variance) if grad_mean_out is None else grad_mean_out.reshape(batch, 1, entries),
         torch.zeros_like(final.variance),
         torch.zeros_like(final.activations) if grad_activations_out is None else grad_activations_out,
     )
@@ -559,15 +560,12 @@ def _routing_backward(
 # ---------------------------------------------------------------------------- autograd functions
 
 
-def _outputs(states: list[_IterationState], shape: torch.Size) -> tuple[Tensor, Tensor]:
-    """The routed poses ``(N, L, C, H)`` and activations ``(N, L, C)``, as copies.
-
-    Copies (small: ``1/I`` of the votes) keep in-place changes of the outputs from
-    reaching the tensors saved for the backward pass.
-    """
+def _outputs(states: list[_IterationState], mean: Tensor, shape: torch.Size) -> tuple[Tensor, Tensor]:
+    """The routed poses ``(N, L, C, H)`` from the final means ``(B, 1, H)`` and a copy of the
+    activations ``(N, L, C)`` (so that in-place changes of the outputs cannot reach the
+    tensors saved for the backward pass)."""
     n, num_windows, parent_types, _, entries = shape
-    final = states[-1]
-    return final.mean.reshape(n, num_windows, parent_types, entries).clone(), final.activations.clone()
+    return mean.view(n, num_windows, parent_types, entries), states[-1].activations.clone()
 
 
 class _RaiseOnBackward(torch.autograd.Function):
@@ -628,12 +626,12 @@ class _FusedEMRouting(torch.autograd.Function):
             flat_votes, centre, None, scratch(workspace, _PRODUCTS_SLOT, flat_shape, votes.dtype, votes.device)
         )
         squares = scratch(workspace, _SQUARES_SLOT, flat_shape, votes.dtype, votes.device)
-        states = _routing_forward(
+        states, mean = _routing_forward(
             centred, centre, first_weights, child_activations, beta_v, beta_a, geometry, config, squares, votes.shape
         )
         ctx.save_for_backward(votes, child_activations, beta_v, *_pack_states(states))
         ctx.geometry, ctx.config, ctx.workspace = geometry, config, workspace
-        return _outputs(states, votes.shape)
+        return _outputs(states, mean, votes.shape)
 
     @staticmethod
     @_first_order_only
@@ -681,12 +679,12 @@ class _FusedCapsuleRouting(torch.autograd.Function):
             votes, centre, vote_offsets, scratch(workspace, _VOTES_SLOT, votes.shape, votes.dtype, votes.device)
         )
         squares = scratch(workspace, _SQUARES_SLOT, votes.shape, votes.dtype, votes.device)
-        states = _routing_forward(
+        states, mean = _routing_forward(
             centred, centre, first_weights, child_activations, beta_v, beta_a, geometry, config, squares, shape
         )
         ctx.save_for_backward(windows, transforms, vote_offsets, child_activations, beta_v, *_pack_states(states))
         ctx.geometry, ctx.config, ctx.workspace = geometry, config, workspace
-        return _outputs(states, shape)
+        return _outputs(states, mean, shape)
 
     @staticmethod
     @_first_order_only
