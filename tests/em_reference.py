@@ -148,3 +148,40 @@ def class_caps_links(poses: np.ndarray, weights: np.ndarray, coordinate_addition
                         vote[1, 3] += (y + 0.5) / height
                     votes[(0, c, (y, x, d))] = vote.reshape(-1)
     return votes
+
+
+def conv_caps_outputs(poses: np.ndarray, activations: np.ndarray, weights: np.ndarray, kernel: int, stride: int,
+                      padding: int, beta_v: np.ndarray, beta_a: np.ndarray, k: Constants) -> tuple[np.ndarray, np.ndarray]:
+    """Last iteration's means ``(OH, OW, C, 16)`` and activations ``(OH, OW, C)`` of a ConvCaps layer, one sample.
+
+    Args:
+        poses: ``(H, W, B, 4, 4)``; activations: ``(H, W, B)``; weights: ``(K, K, B, C, 4, 4)``.
+    """
+    votes, (out_h, out_w) = conv_caps_links(poses, weights, kernel, stride, padding)
+    trace = em_route(votes, _activation_map(activations), weights.shape[3], kernel * kernel * poses.shape[2],
+                     beta_v, beta_a, k)
+    means = np.zeros((out_h, out_w, weights.shape[3], 16))
+    parent_activations = np.zeros((out_h, out_w, weights.shape[3]))
+    for ((oy, ox), c), mean in trace.mean[-1].items():
+        means[oy, ox, c] = mean
+        parent_activations[oy, ox, c] = trace.activation[-1][((oy, ox), c)]
+    return means, parent_activations
+
+
+def class_caps_outputs(poses: np.ndarray, activations: np.ndarray, weights: np.ndarray, coordinate_addition: bool,
+                       beta_v: np.ndarray, beta_a: np.ndarray, k: Constants) -> tuple[np.ndarray, np.ndarray]:
+    """Last iteration's means ``(classes, 16)`` and activations ``(classes,)`` of the class capsules, one sample.
+
+    Args:
+        poses: ``(H, W, D, 4, 4)``; activations: ``(H, W, D)``; weights: ``(D, classes, 4, 4)``.
+    """
+    votes = class_caps_links(poses, weights, coordinate_addition)
+    classes = weights.shape[1]
+    trace = em_route(votes, _activation_map(activations), classes, int(np.prod(poses.shape[:3])), beta_v, beta_a, k)
+    means = np.stack([trace.mean[-1][(0, c)] for c in range(classes)])
+    return means, np.array([trace.activation[-1][(0, c)] for c in range(classes)])
+
+
+def _activation_map(activations: np.ndarray) -> dict:
+    height, width, types = activations.shape
+    return {(y, x, b): float(activations[y, x, b]) for y in range(height) for x in range(width) for b in range(types)}

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from matcaps.errors import ConfigError
 from matcaps.layers import InputNorm
-from matcaps.models import PRESETS, CapsNet, CapsNetConfig, build_model, count_parameters, preset
+from matcaps.models import PRESETS, CapsNet, CapsNetConfig, CapsNetOutput, build_model, count_parameters, preset
 from matcaps.routing import EMRoutingConfig
 
 
@@ -116,3 +118,18 @@ def test_model_is_deterministic_in_eval_mode():
     with torch.inference_mode():
         first, second = model(images), model(images)
     assert torch.equal(first.activations, second.activations)
+
+
+def test_the_package_exports_its_main_names_and_hides_the_internal_ones():
+    import matcaps
+    import matcaps.layers
+
+    for name in matcaps.__all__:
+        assert getattr(matcaps, name) is not None, name
+    assert {"CapsNet", "ConvCaps", "ClassCaps", "PrimaryCaps", "EMRoutingConfig", "em_routing", "Capsules"} <= set(matcaps.__all__)
+    assert matcaps.ConvCaps is matcaps.layers.ConvCaps and matcaps.CapsNetOutput is CapsNetOutput
+    assert not {"RoutedCapsules", "RoutingInputs"} & set(matcaps.layers.__all__)
+    # The names load on first use: importing the package alone does not import torch.
+    check = "import sys, matcaps; print('torch' in sys.modules, matcaps.__version__)"
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True, timeout=60)
+    assert result.stdout.split()[0] == "False"

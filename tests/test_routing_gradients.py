@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from matcaps.errors import UnsupportedOperationError
 from matcaps.layers import ClassCaps, ConvCaps
 from matcaps.models import CapsNet, preset
 from matcaps.routing import ROUTING_IMPLEMENTATIONS, EMRoutingConfig, RoutingGeometry, em_routing, route_capsules
@@ -137,3 +138,77 @@ def test_torch_compile_traces_the_network(implementation):
     expected_grads = torch.autograd.grad(expected.activations.sum(), list(model.parameters()))
     torch.testing.assert_close(result.activations, expected.activations)
     torch.testing.assert_close(grads, expected_grads)
+
+
+def test_fused_routing_refuses_double_backward_with_a_clear_error():
+    torch.manual_seed(9)
+    layer = ConvCaps(2, 3, 3, 1, routing=EMRoutingConfig(implementation="fused"))
+    poses = torch.randn(1, 4, 4, 2, 4, 4, requires_grad=True)
+    activations = torch.rand(1, 4, 4, 2)
+    out = layer(poses, activations)
+    grad = torch.autograd.grad(out.activations.sum(), poses, create_graph=True)[0]  # first order: fine
+    with pytest.raises(UnsupportedOperationError, match=r'double backward .*implementation="naive"'):
+        grad.square().sum().backward()
+
+
+def test_the_naive_routing_supports_double_backward():
+    """What the fused error message recommends works: second derivatives by gradgradcheck."""
+    torch.manual_seed(10)
+    routing = EMRoutingConfig(iterations=2, implementation="naive", final_inverse_temperature=1.0)
+    layer = with_large_betas(ConvCaps(1, 2, 2, 1, routing=routing).double())
+    poses, activations = tiny_inputs(2, 1, seed=11)
+    assert torch.autograd.gradgradcheck(lambda p, a: layer(p, a), (poses, activations), eps=1e-6, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap", "jvp"])
+def test_fused_routing_refuses_torch_func_with_a_clear_error_and_naive_supports_it(transform):
+    torch.manual_seed(12)
+    poses, activations = torch.randn(1, 4, 4, 2, 4, 4, dtype=torch.float64), torch.rand(1, 4, 4, 2, dtype=torch.float64)
+    layers = {impl: ConvCaps(2, 3, 3, 1, routing=EMRoutingConfig(implementation=impl)).double() for impl in ROUTING_IMPLEMENTATIONS}
+    layers["naive"].load_state_dict(layers["fused"].state_dict())
+
+    def apply(implementation: str):
+        f = lambda p: layers[implementation](p, activations).poses.sum()  # noqa: E731
+        if transform == "grad":
+            return torch.func.grad(f)(poses)
+        if transform == "vmap":
+            return torch.func.vmap(lambda p: layers[implementation](p, activations[:1]).poses)(poses.unsqueeze(1))
+        return torch.func.jvp(f, (poses,), (torch.ones_like(poses),))[1]
+
+    with pytest.raises(UnsupportedOperationError, match=r'torch\.func.*implementation="naive"'):
+        apply("fused")
+    result = apply("naive")
+    if transform == "grad":  # the same gradient as ordinary autograd through the fused routing
+        expected_input = poses.clone().requires_grad_()
+        layers["fused"](expected_input, activations).poses.sum().backward()
+        torch.testing.assert_close(result, expected_input.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_fused_routing_refuses_forward_mode_ad_with_a_clear_error():
+    import torch.autograd.forward_ad as fwAD
+
+    layer = ConvCaps(2, 3, 3, 1)
+    poses, activations = torch.randn(1, 4, 4, 2, 4, 4), torch.rand(1, 4, 4, 2)
+    with fwAD.dual_level(), pytest.raises(UnsupportedOperationError, match="forward-mode AD"):
+        layer(fwAD.make_dual(poses, torch.ones_like(poses)), activations)
+
+
+def test_the_fused_backward_saves_its_state_through_saved_tensor_hooks():
+    """Hooks such as ``save_on_cpu`` see every tensor the fused routing keeps for backward."""
+    torch.manual_seed(13)
+    layer = ConvCaps(2, 3, 3, 1)
+    poses, activations = torch.randn(2, 5, 5, 2, 4, 4, requires_grad=True), torch.rand(2, 5, 5, 2)
+    packed: list[torch.Tensor] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        packed.append(tensor)
+        return tensor.clone()  # what the backward gets back is a copy
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(poses, activations)
+    inputs = 4  # windows, transforms, child activations, β_v
+    assert len(packed) >= inputs + 5 * layer.routing.iterations  # and per iteration r, w, R, σ², a
+    out.poses.sum().backward()
+    expected = poses.detach().clone().requires_grad_()
+    layer(expected, activations).poses.sum().backward()
+    torch.testing.assert_close(poses.grad, expected.grad, rtol=0, atol=0)

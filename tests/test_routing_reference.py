@@ -139,3 +139,35 @@ def test_coordinate_addition_changes_only_translation_entries():
     mask = torch.zeros(4, 4, dtype=torch.bool)
     mask[0, 3] = mask[1, 3] = True
     assert torch.all(offsets[:, :, ~mask] == 0)
+
+
+@pytest.mark.parametrize("side,kernel,stride,padding", [(6, 3, 2, 1), (5, 2, 2, 0)])
+def test_trace_on_map_places_every_iteration_on_the_capsule_maps(side, kernel, stride, padding):
+    """``routing[n, oy, ox, c, y, x, b]`` is the reference weight of child (y, x, b) for parent (oy, ox, c), else 0."""
+    torch.manual_seed(2)
+    layer = ConvCaps(CHILD_TYPES, PARENT_TYPES, kernel, stride, padding, routing=EMRoutingConfig(iterations=2)).double()
+    poses, activations = random_capsules(side, CHILD_TYPES, torch.float64, seed=3)
+    trace = layer.trace_on_map(poses, activations)
+    reference, (out_h, out_w) = conv_reference(layer, poses, activations, 1)
+    assert len(trace) == 2
+    for t, state in enumerate(trace):
+        assert state.routing.shape == (BATCH, out_h, out_w, PARENT_TYPES, side, side, CHILD_TYPES)
+        expected = np.zeros(state.routing.shape[1:])
+        for (((oy, ox), c), (y, x, b)), weight in reference.routing[t].items():
+            expected[oy, ox, c, y, x, b] = weight
+        np.testing.assert_allclose(state.routing[1].detach(), expected, rtol=1e-9, atol=1e-12)
+        for ((oy, ox), c), mean in reference.mean[t].items():
+            np.testing.assert_allclose(state.mean[1, oy, ox, c].reshape(-1).detach(), mean, rtol=1e-9, atol=1e-9)
+            np.testing.assert_allclose(state.variance[1, oy, ox, c].reshape(-1).detach(), reference.variance[t][((oy, ox), c)], rtol=1e-9)
+            np.testing.assert_allclose(state.activations[1, oy, ox, c].item(), reference.activation[t][((oy, ox), c)], rtol=1e-9)
+
+
+def test_class_caps_trace_on_map_has_the_layout_of_its_outputs():
+    layer = ClassCaps(CHILD_TYPES, 4, routing=EMRoutingConfig(iterations=2)).double()
+    poses, activations = random_capsules(3, CHILD_TYPES, torch.float64, seed=4)
+    last = layer.trace_on_map(poses, activations)[-1]
+    out_poses, out_activations = layer(poses, activations)
+    assert last.routing.shape == (BATCH, 4, 3, 3, CHILD_TYPES)
+    torch.testing.assert_close(last.mean, out_poses, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(last.activations, out_activations, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(last.routing.sum(dim=1), torch.ones(BATCH, 3, 3, CHILD_TYPES, dtype=torch.float64))

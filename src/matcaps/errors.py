@@ -31,3 +31,11 @@ class DatasetNotFoundError(MatcapsError, FileNotFoundError):
 
 class CheckpointError(MatcapsError, OSError):
     """A checkpoint or run directory is missing or unreadable."""
+
+
+class InvalidInputError(MatcapsError, ValueError):
+    """A tensor given to a layer or routing function has the wrong shape, dtype or device."""
+
+
+class UnsupportedOperationError(MatcapsError, RuntimeError):
+    """An operation the chosen implementation does not support (the message names the alternative)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from matcaps.layers.routed import RoutedCapsules, RoutingInputs
+from matcaps.layers.routed import RoutedCapsules, RoutingInputs, _routing_config
 from matcaps.routing import EMRoutingConfig, RoutingGeometry
 
 #: Coordinates are the centres of the receptive fields, scaled to [0, 1]:
@@ -25,25 +25,35 @@ class ClassCaps(RoutedCapsules):
     Args:
         in_types: ``D``, child capsule types.
         num_classes: Number of class capsules.
-        routing: EM-routing hyper-parameters.
+        routing: EM-routing hyper-parameters (default :class:`EMRoutingConfig`).
         coordinate_addition: Add scaled coordinates to the votes.
         pose_size: ``P``; poses are ``P×P`` matrices.
+        iterations: Shortcut for the number of routing iterations (replaces ``routing``'s).
 
     Shapes:
-        * input: ``(poses, activations)`` of shapes ``(N, H, W, D, P, P)`` and ``(N, H, W, D)``;
-        * output: ``(N, num_classes, P, P)`` poses and ``(N, num_classes)`` activations.
+        * input: ``(poses, activations)`` of shapes ``(N, H, W, D, P, P)`` and ``(N, H, W, D)``
+          (channels last);
+        * output: :class:`~matcaps.routing.Capsules` ``(poses, activations)`` of shapes
+          ``(N, num_classes, P, P)`` and ``(N, num_classes)``.
+
+    Raises:
+        InvalidInputError: (when called) the input does not have these shapes.
     """
 
     def __init__(
         self,
         in_types: int,
         num_classes: int,
-        routing: EMRoutingConfig = EMRoutingConfig(),
+        routing: EMRoutingConfig | None = None,
         coordinate_addition: bool = True,
         pose_size: int = 4,
+        *,
+        iterations: int | None = None,
     ) -> None:
-        super().__init__((in_types, num_classes, pose_size, pose_size), num_classes, routing, pose_size)
-        self.in_types = in_types
+        super().__init__(
+            (in_types, num_classes, pose_size, pose_size), in_types, num_classes, _routing_config(routing, iterations),
+            pose_size,
+        )  # fmt: skip
         self.coordinate_addition = coordinate_addition
 
     def make_geometry(self, height: int, width: int) -> RoutingGeometry:
@@ -66,7 +76,9 @@ class ClassCaps(RoutedCapsules):
         transforms = self.weight.expand(height * width, *self.weight.shape).reshape(-1, *self.weight.shape[1:])
         offsets = None
         if self.coordinate_addition:
-            offsets = self.coordinate_offsets(height, width, poses.device, poses.dtype)
+            # In the routing's precision: under autocast the poses may be bf16, the coordinates must not be.
+            dtype = torch.promote_types(poses.dtype, torch.float32)
+            offsets = self.coordinate_offsets(height, width, poses.device, dtype)
             offsets = offsets.repeat_interleave(child_types, dim=0)  # (H·W·D, P·P)
         return RoutingInputs(windows, transforms, activations.reshape(n, 1, -1), geometry, offsets)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from matcaps.layers.routed import RoutedCapsules, RoutingInputs
+from matcaps.layers.routed import RoutedCapsules, RoutingInputs, _routing_config
 from matcaps.routing import EMRoutingConfig, RoutingGeometry
 
 
@@ -22,13 +22,19 @@ class ConvCaps(RoutedCapsules):
         kernel_size: ``K``.
         stride: Stride of the windows.
         padding: Zero padding of the child map (padded slots hold inactive children).
-        routing: EM-routing hyper-parameters.
+        routing: EM-routing hyper-parameters (default :class:`EMRoutingConfig`).
         pose_size: ``P``; poses are ``P×P`` matrices.
+        iterations: Shortcut for the number of routing iterations (replaces ``routing``'s).
 
     Shapes:
-        * input: ``(poses, activations)`` of shapes ``(N, H, W, B, P, P)`` and ``(N, H, W, B)``;
-        * output: ``(N, OH, OW, C, P, P)`` and ``(N, OH, OW, C)`` with
+        * input: ``(poses, activations)`` of shapes ``(N, H, W, B, P, P)`` and ``(N, H, W, B)``
+          (channels last);
+        * output: :class:`~matcaps.routing.Capsules` ``(poses, activations)`` of shapes
+          ``(N, OH, OW, C, P, P)`` and ``(N, OH, OW, C)`` with
           ``OH = ⌊(H + 2·padding − K) / stride⌋ + 1`` (likewise ``OW``).
+
+    Raises:
+        InvalidInputError: (when called) the input does not have these shapes.
     """
 
     def __init__(
@@ -38,11 +44,15 @@ class ConvCaps(RoutedCapsules):
         kernel_size: int,
         stride: int = 1,
         padding: int = 0,
-        routing: EMRoutingConfig = EMRoutingConfig(),
+        routing: EMRoutingConfig | None = None,
         pose_size: int = 4,
+        *,
+        iterations: int | None = None,
     ) -> None:
-        super().__init__((kernel_size, kernel_size, in_types, out_types, pose_size, pose_size), out_types, routing, pose_size)
-        self.in_types = in_types
+        super().__init__(
+            (kernel_size, kernel_size, in_types, out_types, pose_size, pose_size),
+            in_types, out_types, _routing_config(routing, iterations), pose_size,
+        )  # fmt: skip
         self.kernel_size = kernel_size
         self.stride = stride
         self.padding = padding

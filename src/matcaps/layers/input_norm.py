@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from matcaps.errors import InvalidInputError
 
 #: Momentum of the running statistics (``torch.nn.BatchNorm2d``'s default).
 RUNNING_STATS_MOMENTUM = 0.1
@@ -19,17 +23,23 @@ class InputNorm(nn.Module):
     Under data parallelism each process sees only its shard of the batch; with
     ``process_group`` set, the per-channel sums are all-reduced so that every process
     normalises with the statistics of the global batch and training is the same as on
-    one process.  The input of the network needs no gradient, so the statistics are
-    reduced without autograd (unlike :class:`torch.nn.SyncBatchNorm`, this also works on
-    CPU with the gloo backend).
+    one process (this also works on CPU with the gloo backend, unlike
+    :class:`torch.nn.SyncBatchNorm`).
+
+    The output is differentiable with respect to the input, through the batch statistics
+    too (adversarial inputs, a model of one's own).  Across processes the gradient is that
+    of the sum of every process's loss, as with :class:`torch.nn.SyncBatchNorm`: when the
+    input requires a gradient, the backward pass all-reduces the gradient of the
+    statistics, so every process must then run its backward pass.
 
     Args:
         channels: Number of input channels.
-        process_group: Group to reduce over, or None (local statistics). Set it with
-            :meth:`synchronise`.
 
     Shapes:
         ``(N, channels, H, W)`` → same.
+
+    Raises:
+        InvalidInputError: (when called) the input is not ``(N, channels, H, W)``.
     """
 
     def __init__(self, channels: int) -> None:
@@ -48,28 +58,55 @@ class InputNorm(nn.Module):
         return self
 
     def forward(self, images: Tensor) -> Tensor:
+        if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != self.channels:
+            got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise InvalidInputError(f"InputNorm({self.channels}) expects images (N, {self.channels}, H, W), got {got}")
         shape = (1, self.channels, 1, 1)
         if not self.training:
             return (images - self.running_mean.view(shape)) / torch.sqrt(self.running_var.view(shape) + VARIANCE_EPSILON)
-        with torch.no_grad():
-            x = images.detach().double()
-            moments = torch.stack([
-                torch.full((self.channels,), float(x.numel() // self.channels), dtype=x.dtype, device=x.device),
-                x.sum(dim=(0, 2, 3)),
-                x.pow(2).sum(dim=(0, 2, 3)),
-            ])  # fmt: skip
-            if self._synchronised:
+        x = images.double()  # the statistics in float64 (and differentiable)
+        moments = torch.stack([
+            torch.full((self.channels,), float(x.numel() // self.channels), dtype=x.dtype, device=x.device),
+            x.sum(dim=(0, 2, 3)),
+            x.square().sum(dim=(0, 2, 3)),
+        ])  # fmt: skip
+        if self._synchronised:
+            if moments.requires_grad:
+                moments = _SumOverProcesses.apply(moments, self.process_group)
+            else:
                 dist.all_reduce(moments, group=self.process_group)
-            count, total, total_squares = moments
-            mean = total / count
-            variance = (total_squares / count - mean.pow(2)).clamp(min=0)
+        count, total, total_squares = moments
+        mean = total / count
+        variance = (total_squares / count - mean.square()).clamp(min=0)
+        with torch.no_grad():
             unbiased = variance * count / (count - 1).clamp(min=1)
             self.running_mean.lerp_(mean.to(self.running_mean.dtype), RUNNING_STATS_MOMENTUM)
             self.running_var.lerp_(unbiased.to(self.running_var.dtype), RUNNING_STATS_MOMENTUM)
             self.num_batches_tracked += 1
-            scale = torch.rsqrt(variance + VARIANCE_EPSILON).to(images.dtype).view(shape)
-            shift = mean.to(images.dtype).view(shape)
+        scale = torch.rsqrt(variance + VARIANCE_EPSILON).to(images.dtype).view(shape)
+        shift = mean.to(images.dtype).view(shape)
         return (images - shift) * scale
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, synchronised={self._synchronised}"
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """``all_reduce(SUM)`` of a tensor; its backward all-reduces the gradient the same way.
+
+    Every process's statistics are the sum of every process's share, so the gradient of a
+    share is the sum of every process's gradient of the statistics.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, group: dist.ProcessGroup | None) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        total = tensor.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        total = grad.clone()
+        dist.all_reduce(total, group=ctx.group)
+        return total, None

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from matcaps.errors import InvalidInputError
 from matcaps.layers.init import init_conv_
+from matcaps.routing import Capsules
 
 
 class PrimaryCaps(nn.Module):
@@ -21,22 +23,32 @@ class PrimaryCaps(nn.Module):
 
     Shapes:
         * input: ``(N, A, H, W)`` features;
-        * output: ``(poses, activations)`` of shapes ``(N, H, W, B, P, P)`` and ``(N, H, W, B)``.
+        * output: :class:`~matcaps.routing.Capsules` ``(poses, activations)`` of shapes
+          ``(N, H, W, B, P, P)`` and ``(N, H, W, B)`` (channels last).
+
+    Raises:
+        InvalidInputError: (when called) the features are not ``(N, A, H, W)``.
     """
 
     def __init__(self, in_channels: int, capsule_types: int, pose_size: int = 4) -> None:
         super().__init__()
+        self.in_channels = in_channels
         self.capsule_types = capsule_types
         self.pose_size = pose_size
         self.pose = init_conv_(nn.Conv2d(in_channels, capsule_types * pose_size * pose_size, kernel_size=1))
         self.activation = init_conv_(nn.Conv2d(in_channels, capsule_types, kernel_size=1))
 
-    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, features: Tensor) -> Capsules:
+        if not isinstance(features, Tensor) or features.dim() != 4 or features.shape[1] != self.in_channels:
+            got = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+            raise InvalidInputError(
+                f"PrimaryCaps(in_channels={self.in_channels}) expects features (N, {self.in_channels}, H, W), got {got}"
+            )
         n, _, height, width = features.shape
         poses = self.pose(features).permute(0, 2, 3, 1)  # (N, H, W, B·P·P), pose entries fastest
         poses = poses.reshape(n, height, width, self.capsule_types, self.pose_size, self.pose_size)
         activations = self.activation(features).sigmoid().permute(0, 2, 3, 1)  # (N, H, W, B)
-        return poses, activations
+        return Capsules(poses, activations)
 
     def extra_repr(self) -> str:
         return f"capsule_types={self.capsule_types}, pose_size={self.pose_size}"

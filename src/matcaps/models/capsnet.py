@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from matcaps.layers import ClassCaps, ConvCaps, InputNorm, PrimaryCaps
+from matcaps.layers import ClassCaps, ConvCaps, InputNorm, PrimaryCaps, share_workspace
 from matcaps.layers.init import BETA_A_INIT_MEAN, BETA_A_INIT_STD, TRANSFORM_INIT_STD, init_conv_, truncated_normal_
 from matcaps.models.config import CapsNetConfig
 
@@ -17,20 +17,20 @@ if TYPE_CHECKING:
 
 
 class CapsNetOutput(NamedTuple):
-    """What :class:`CapsNet` returns.
+    """What :class:`CapsNet` returns: the class capsules, poses first like every capsule layer.
 
     Attributes:
+        poses: ``(N, num_classes, P, P)`` class-capsule pose matrices.
         activations: ``(N, num_classes)`` class-capsule activations in (0, 1); the
             prediction is their argmax and the spread loss is computed on them.
-        poses: ``(N, num_classes, P, P)`` class-capsule pose matrices.
     """
 
-    activations: Tensor
     poses: Tensor
+    activations: Tensor
 
     @property
     def scores(self) -> Tensor:
-        """``(N, num_classes)``: the scores whose argmax is the prediction (the activations)."""
+        """``(N, num_classes)`` class scores: the activations."""
         return self.activations
 
 
@@ -39,11 +39,15 @@ class CapsNet(nn.Module):
 
     Shapes:
         * input: ``(N, in_channels, S, S)`` images (standardised);
-        * output: :class:`CapsNetOutput` with ``(N, classes)`` activations and
-          ``(N, classes, P, P)`` poses.
+        * output: :class:`CapsNetOutput` with ``(N, classes, P, P)`` poses and
+          ``(N, classes)`` activations (also ``scores``).
 
     With the default :class:`CapsNetConfig` (32×32 input) the capsule maps are 16×16
     (PrimaryCaps), 7×7 (ConvCaps1) and 5×5 (ConvCaps2).
+
+    Its routed layers share one :class:`~matcaps.routing.RoutingWorkspace`, ``workspace``:
+    the scratch memory of the fused routing on CPU, freed with the model or by
+    ``model.workspace.release()``.
     """
 
     #: Loss this network is trained with (see :func:`matcaps.losses.classification_loss`).
@@ -68,6 +72,7 @@ class CapsNet(nn.Module):
             c.conv_caps2_types, c.num_classes, routing=c.routing, coordinate_addition=c.coordinate_addition, pose_size=c.pose_size
         )
         self._apply_initialisation(c)
+        self.workspace = share_workspace(self)
 
     def _apply_initialisation(self, c: CapsNetConfig) -> None:
         """Redraw transforms and ``β_a`` where the configuration asks for other than IBM's initialisation.
@@ -90,7 +95,7 @@ class CapsNet(nn.Module):
         poses, activations = self.conv_caps1(poses, activations)
         poses, activations = self.conv_caps2(poses, activations)
         poses, activations = self.class_caps(poses, activations)
-        return CapsNetOutput(activations=activations, poses=poses)
+        return CapsNetOutput(poses=poses, activations=activations)
 
     def capsule_layers(self) -> dict[str, nn.Module]:
         """The capsule layers by name, e.g. to hook their activations for logging."""

@@ -21,12 +21,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from matcaps.errors import InvalidInputError
+from matcaps.routing.capsules import Capsules
 from matcaps.routing.config import EMRoutingConfig
 from matcaps.routing.fused import em_routing_fused, route_capsules_fused
 from matcaps.routing.geometry import RoutingGeometry
 from matcaps.routing.naive import em_routing_naive
 from matcaps.routing.triton_routing import em_routing_triton, route_capsules_triton
 from matcaps.routing.votes import compute_votes
+from matcaps.routing.workspace import RoutingWorkspace
 
 #: Dtypes that routing never runs in: under autocast its inputs are cast to float32, because
 #: ``ln σ²`` of nearly one-child parents and the log-space E-step need float32's range.
@@ -40,7 +43,8 @@ def em_routing(
     beta_a: Tensor,
     geometry: RoutingGeometry,
     config: EMRoutingConfig,
-) -> tuple[Tensor, Tensor]:
+    workspace: RoutingWorkspace | None = None,
+) -> Capsules:
     """Route ``I`` children per window to ``C`` parent types at each of ``L`` positions.
 
     For every parent ``j`` (one position, one type) the M-step fits a Gaussian to the
@@ -68,18 +72,27 @@ def em_routing(
         beta_a: ``(C,)``, activation offset per parent type.
         geometry: Which child position each window slot reads.
         config: Hyper-parameters, including which implementation to use.
+        workspace: Scratch space the ``"fused"`` implementation reuses between calls on CPU
+            (None: fresh allocations, nothing kept).
 
     Returns:
-        ``(poses, activations)``: ``(N, L, C, H)`` pose means ``μ_j`` and ``(N, L, C)``
-        activations ``a_j`` of the final M-step.
+        :class:`Capsules` ``(poses, activations)``: ``(N, L, C, H)`` pose means ``μ_j`` and
+        ``(N, L, C)`` activations ``a_j`` of the final M-step.
+
+    Raises:
+        InvalidInputError: The shapes, dtypes or devices of the inputs do not match.
     """
     if votes.dim() != 5:
-        raise ValueError(f"votes must have shape (N, L, C, I, H), got {tuple(votes.shape)}")
+        raise InvalidInputError(f"votes must have shape (N, L, C, I, H), got {tuple(votes.shape)}")
     _check_routing_inputs(votes.shape[:4], child_activations, beta_v, beta_a, geometry)
-    route = {"fused": em_routing_fused, "naive": em_routing_naive, "triton": em_routing_triton}[config.implementation]
     with torch.autocast(votes.device.type, enabled=False):
         votes, child_activations, beta_v, beta_a = _full_precision(votes, child_activations, beta_v, beta_a)
-        return route(votes, child_activations, beta_v, beta_a, geometry, config)
+        _check_dtypes_and_devices(votes=votes, child_activations=child_activations, beta_v=beta_v, beta_a=beta_a)
+        if config.implementation == "naive":
+            return Capsules(*em_routing_naive(votes, child_activations, beta_v, beta_a, geometry, config))
+        if config.implementation == "triton":
+            return Capsules(*em_routing_triton(votes, child_activations, beta_v, beta_a, geometry, config))
+        return Capsules(*em_routing_fused(votes, child_activations, beta_v, beta_a, geometry, config, workspace))
 
 
 def route_capsules(
@@ -91,7 +104,8 @@ def route_capsules(
     geometry: RoutingGeometry,
     config: EMRoutingConfig,
     vote_offsets: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+    workspace: RoutingWorkspace | None = None,
+) -> Capsules:
     """Votes ``V_ij = M_i · W_ij`` (plus optional offsets) followed by :func:`em_routing`.
 
     This is what a routed capsule layer computes.  With the ``"fused"`` implementation
@@ -107,39 +121,59 @@ def route_capsules(
         config: Hyper-parameters, including which implementation to use.
         vote_offsets: Optional ``(I, P·P)`` constants added to the votes of each child slot
             (coordinate addition); they receive no gradient.
+        workspace: Scratch space the ``"fused"`` implementation reuses between calls on CPU
+            (None: fresh allocations, nothing kept).
 
     Returns:
-        ``(N, L, C, P·P)`` pose means and ``(N, L, C)`` activations.
+        :class:`Capsules` ``(poses, activations)``: ``(N, L, C, P·P)`` pose means and
+        ``(N, L, C)`` activations.
+
+    Raises:
+        InvalidInputError: The shapes, dtypes or devices of the inputs do not match.
     """
     _check_windows(windows, transforms)
     n, num_windows, children = windows.shape[:3]
     _check_routing_inputs((n, num_windows, transforms.shape[1], children), child_activations, beta_v, beta_a, geometry)
     with torch.autocast(windows.device.type, enabled=False):  # votes in full precision for both implementations
-        windows, transforms, child_activations, beta_v, beta_a = _full_precision(
-            windows, transforms, child_activations, beta_v, beta_a
+        windows, transforms, child_activations, beta_v, beta_a, vote_offsets = _full_precision(
+            windows, transforms, child_activations, beta_v, beta_a, vote_offsets
         )
+        _check_dtypes_and_devices(
+            windows=windows, transforms=transforms, child_activations=child_activations, beta_v=beta_v, beta_a=beta_a,
+            vote_offsets=vote_offsets,
+        )  # fmt: skip
         if config.implementation == "naive":
             votes = compute_votes(windows, transforms, vote_offsets)
-            return em_routing_naive(votes, child_activations, beta_v, beta_a, geometry, config)
+            return Capsules(*em_routing_naive(votes, child_activations, beta_v, beta_a, geometry, config))
         if config.implementation == "triton":
-            return route_capsules_triton(
+            return Capsules(*route_capsules_triton(
                 windows, transforms, child_activations, beta_v, beta_a, geometry, config, vote_offsets
-            )
-        return route_capsules_fused(windows, transforms, child_activations, beta_v, beta_a, geometry, config, vote_offsets)
+            ))  # fmt: skip
+        return Capsules(*route_capsules_fused(
+            windows, transforms, child_activations, beta_v, beta_a, geometry, config, vote_offsets, workspace
+        ))  # fmt: skip
 
 
-def _full_precision(*tensors: Tensor) -> tuple[Tensor, ...]:
-    return tuple(t.float() if t.dtype in _REDUCED_PRECISION else t for t in tensors)
+def _full_precision(*tensors: Tensor | None) -> tuple[Tensor, ...]:
+    return tuple(t.float() if t is not None and t.dtype in _REDUCED_PRECISION else t for t in tensors)  # type: ignore[misc]
+
+
+def _check_dtypes_and_devices(**tensors: Tensor | None) -> None:
+    """Every tensor a floating-point tensor of one dtype on one device."""
+    given = {name: t for name, t in tensors.items() if t is not None}
+    if len({(t.dtype, t.device) for t in given.values()}) > 1 or not all(t.is_floating_point() for t in given.values()):
+        found = ", ".join(f"{name} {str(t.dtype).removeprefix('torch.')} on {t.device}" for name, t in given.items())
+        raise InvalidInputError(f"routing inputs must be floating-point tensors of one dtype on one device, got {found}")
 
 
 def _check_windows(windows: Tensor, transforms: Tensor) -> None:
     if windows.dim() != 5 or transforms.dim() != 4 or windows.shape[2] != transforms.shape[0]:
-        raise ValueError(
+        raise InvalidInputError(
             f"windows (N, L, I, P, P) and transforms (I, C, P, P) do not match: "
             f"{tuple(windows.shape)} and {tuple(transforms.shape)}"
         )
     if windows.shape[3:] != transforms.shape[2:] or transforms.shape[2] != transforms.shape[3]:
-        raise ValueError(
+        raise InvalidInputError(
             f"poses and transforms must be square matrices of one size, got {tuple(windows.shape)}, {tuple(transforms.shape)}"
         )
 
@@ -150,14 +184,19 @@ def _check_routing_inputs(
     """Check ``(N, L, C, I)`` against the activations, the ``β`` and the geometry."""
     n, num_windows, parent_types, children = sizes
     if num_windows != geometry.num_windows or children % geometry.window_size:
-        raise ValueError(
+        raise InvalidInputError(
             f"{num_windows} windows of {children} children do not match the routing geometry "
             f"(L={geometry.num_windows} windows of S={geometry.window_size} positions)"
         )
+    if geometry.device != child_activations.device:
+        raise InvalidInputError(
+            f"the routing geometry is on {geometry.device} but the inputs are on {child_activations.device}; "
+            "move it with geometry.to(device)"
+        )
     if child_activations.shape != (n, num_windows, children):
-        raise ValueError(
+        raise InvalidInputError(
             f"child_activations must have shape {(n, num_windows, children)}, got {tuple(child_activations.shape)}"
         )
     for name, beta in (("beta_v", beta_v), ("beta_a", beta_a)):
         if beta.shape != (parent_types,):
-            raise ValueError(f"{name} must have shape ({parent_types},), got {tuple(beta.shape)}")
+            raise InvalidInputError(f"{name} must have shape ({parent_types},), got {tuple(beta.shape)}")

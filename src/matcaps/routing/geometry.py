@@ -194,3 +194,22 @@ class RoutingGeometry:
         index = self._flat_index.view(1, -1, *([1] * len(features))).expand_as(flat)
         out = flat.new_full((n, self.num_child_positions + 1, *features), float("-inf"))
         return out.scatter_reduce(1, index, flat, reduce="amax", include_self=True)
+
+    def windows_to_map(self, values: Tensor, child_types: int) -> Tensor:
+        """Place per-window values of children at the child positions they read.
+
+        Args:
+            values: ``(N, L, C, S·B)``, one value per parent (window and type) and child of
+                its window, children ordered (slot, type) like the routing weights.
+            child_types: ``B``.
+
+        Returns:
+            ``(N, L, C, H·W, B)``; entry ``[n, l, c, p, b]`` is the value of child ``(p, b)``
+            in window ``l``, 0 where the window does not read position ``p`` (padding slots
+            are dropped).
+        """
+        n, num_windows, parent_types, _ = values.shape
+        per_slot = values.reshape(n, num_windows, parent_types, self.window_size, child_types)
+        index = self.slot_child_index.view(1, num_windows, 1, self.window_size, 1).expand_as(per_slot)
+        out = values.new_zeros(n, num_windows, parent_types, self.num_child_positions + 1, child_types)
+        return out.scatter_add(3, index, per_slot)[:, :, :, : self.num_child_positions]

@@ -1,7 +1,7 @@
 """Votes of child capsules for parent capsules: ``V_ij = M_i · W_ij`` (Hinton et al. 2018, §2).
 
 :func:`compute_votes` is the plain statement (an einsum differentiated by autograd).  The
-fused routing computes the same numbers with :func:`kronecker_votes_` and differentiates
+fused routing computes the same numbers with :func:`kronecker_products_` and differentiates
 them with :func:`kronecker_votes_backward`: each child's ``P×P`` products with the ``C``
 matrices of its parents are one row-vector × matrix product,
 ``vec(M_i · W_ic) for all c = vec(M_i) · K_i`` with the block matrix
@@ -55,27 +55,23 @@ def child_major_poses(windows: Tensor) -> Tensor:
     return windows.reshape(n * num_windows, children, pose_size * pose_size).transpose(0, 1).contiguous()
 
 
-def kronecker_votes_(
-    out: Tensor, products: Tensor, child_major: Tensor, blocks: Tensor, offsets: Tensor | None = None
-) -> Tensor:
-    """Write the votes into ``out`` (no autograd).
+def kronecker_products_(products: Tensor, child_major: Tensor, blocks: Tensor) -> Tensor:
+    """Compute every vote (without offsets) into ``products`` and view them in the routing's layout.
+
+    No autograd.  The fused routing reads the votes through the returned strided view
+    and writes what it needs (the votes less a per-parent reference) in one pass.
 
     Args:
-        out: ``(N, L, C, I, H)`` destination.
-        products: ``(I, N·L, C·H)`` scratch space.
+        products: ``(I, N·L, C·H)`` destination.
         child_major: ``(I, N·L, H)`` from :func:`child_major_poses`.
         blocks: ``(I, H, C·H)`` from :func:`block_diagonal_transforms`.
-        offsets: Optional ``(I, H)`` added to every vote of each child slot.
 
     Returns:
-        ``out``.
+        ``(N·L·C, I, H)`` view of ``products``: ``V_ij`` for parent ``j = (n, l, c)``, child ``i``.
     """
-    n, num_windows, parent_types, children, entries = out.shape
+    children, entries = blocks.shape[:2]
     torch.bmm(child_major, blocks, out=products)
-    out.copy_(products.view(children, n, num_windows, parent_types, entries).permute(1, 2, 3, 0, 4))
-    if offsets is not None:
-        out += offsets
-    return out
+    return products.view(children, -1, entries).transpose(0, 1)
 
 
 def kronecker_votes_backward(

@@ -1,0 +1,20 @@
+"""The one layout of capsules that every public function and layer returns: ``(poses, activations)``."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor
+
+
+class Capsules(NamedTuple):
+    """Capsules as a named pair, poses first (the order of every matcaps function and layer).
+
+    Attributes:
+        poses: ``(..., P, P)`` pose matrices (``(..., P·P)`` flattened where a routing
+            function says so).
+        activations: ``(...)`` activations in ``[0, 1]``, one per pose.
+    """
+
+    poses: Tensor
+    activations: Tensor
