@@ -20,6 +20,9 @@ from collections.abc import Iterator  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+#: Fixtures of the command-line tests (a tiny prepared smallNORB and a finished run), defined once.
+pytest_plugins = ["cli_fixtures"]
+
 
 @pytest.fixture
 def single_thread() -> Iterator[None]:

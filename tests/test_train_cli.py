@@ -9,20 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_fixtures import write_tiny_smallnorb
-from train_support import TINY_MODEL_OPTIONS, state_dicts_equal
+from train_support import state_dicts_equal
 from torch.utils.data import DataLoader
 
 from matcaps.allocator import glibc_version
 from matcaps.cli import main
-from matcaps.data import DataConfig, load_splits, prepare
+from matcaps.data import DataConfig, load_splits
 from matcaps.models import build_model, model_config_from_dict
 from matcaps.train import load_checkpoint, read_metrics
-from matcaps.train.config import to_toml
 
-#: Fast options: 80 training images in the fixture once instance 4 is held out → 10 steps per epoch.
-FAST = {"batch_size": 8, "epochs": 2, "workers": 0, "progress": False, "log_every": 3, "checkpoint_every": 5,
-        "device": "cpu", "model_options": TINY_MODEL_OPTIONS}  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -30,31 +25,6 @@ def _one_thread(single_thread):
     """See :func:`conftest.single_thread`."""
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    write_tiny_smallnorb(root)
-    prepare("smallnorb", root, download=False, progress=False, verify=False)
-    return root
-
-
-@pytest.fixture(scope="module")
-def config_file(tmp_path_factory, data_root) -> Path:
-    path = tmp_path_factory.mktemp("config") / "fast.toml"
-    path.write_text(to_toml({**FAST, "data_root": str(data_root)}))
-    return path
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, config_file) -> Path:
-    run = tmp_path_factory.mktemp("runs") / "tiny"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module-scoped: set up before the per-test fixture
-    try:
-        assert main(["train", "--config", str(config_file), "--run-dir", str(run)]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return run
 
 
 def independent_accuracy(run: Path, checkpoint: str, data_root: Path, split: str = "standard") -> tuple[float, torch.Tensor]:
