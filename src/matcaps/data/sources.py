@@ -57,6 +57,14 @@ _INFOS: dict[str, DatasetInfo] = {
 }
 
 
+def stored_image_size(name: str) -> int:
+    """Side of the square images the cache of ``name`` stores, the input of its transforms.
+
+    smallNORB's transforms resize and crop its 96×96 images; MNIST and Fashion-MNIST are used as stored.
+    """
+    return SMALLNORB_IMAGE_SIDE if check_dataset_name(name) == "smallnorb" else DIGITS_INPUT_SIZE
+
+
 def check_dataset_name(name: str) -> str:
     """Return ``name`` if known, else raise :class:`ConfigError` listing the known ones."""
     if name not in _INFOS:

@@ -177,6 +177,13 @@ def _hold_out(config: DataConfig, train: _Split, candidates: np.ndarray) -> tupl
     return rest, val
 
 
+def dataset_transforms(name: str) -> tuple:
+    """The training and the evaluation transform of dataset ``name`` (validation, test, ``matcaps predict``)."""
+    if check_dataset_name(name) == "smallnorb":
+        return NorbTransform(train=True), NorbTransform(train=False)
+    return DigitsTransform(train=True), DigitsTransform(train=False)
+
+
 def load_splits(config: DataConfig) -> DataSplits:
     """Build the train / validation / test datasets of ``config`` from the prepared cache.
 
@@ -199,10 +206,7 @@ def load_splits(config: DataConfig) -> DataSplits:
     candidates = np.flatnonzero(train_mask)
     train_rows, val_rows = _hold_out(config, train, candidates)
 
-    if name == "smallnorb":
-        train_transform, eval_transform = NorbTransform(train=True), NorbTransform(train=False)
-    else:
-        train_transform, eval_transform = DigitsTransform(train=True), DigitsTransform(train=False)
+    train_transform, eval_transform = dataset_transforms(name)
 
     def make(split: _Split, rows: np.ndarray, transform) -> CachedImageDataset:
         return CachedImageDataset(split.images_path, split.labels, rows, transform, config.seed, split.metadata)
