@@ -9,8 +9,9 @@
 
 :func:`preprocess_image` turns an image file into exactly what the network sees in evaluation:
 the image is read as grey or RGB (the network's input channels), fitted to the side of the
-images its dataset's cache stores (:func:`~matcaps.data.images.fit_square`) and passed through
-the dataset's evaluation transform, the one validation and ``matcaps test`` use.
+images its dataset's cache stores, or to an image folder's input size
+(:func:`~matcaps.data.images.fit_square`), and passed through the dataset's evaluation
+transform, the one validation and ``matcaps test`` use.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from matcaps.data.folders import FOLDER_DATASET, folder_class_names
 from matcaps.data.images import load_image
 from matcaps.data.sources import dataset_info, stored_image_size
 from matcaps.data.splits import dataset_transforms
@@ -110,8 +112,20 @@ def load_trained(target: str | Path, which: str = "best", device: str | torch.de
     state = payload.get("state", {})
     return TrainedNetwork(
         model=model, model_config=model_config, config=config, checkpoint=path, step=int(state.get("step", 0)),
-        class_names=tuple(dataset_info(config.dataset).class_names), pretrained=entry, device=device,
+        class_names=class_names(config, model_config.num_classes), pretrained=entry, device=device,
     )  # fmt: skip
+
+
+def class_names(config: TrainConfig, num_classes: int) -> tuple[str, ...]:
+    """The class names of the dataset a network was trained on (an image folder's from the folder, if still there)."""
+    if config.dataset == FOLDER_DATASET:
+        return folder_class_names(config.data_root, num_classes)
+    return tuple(dataset_info(config.dataset).class_names)
+
+
+def stored_size(config: TrainConfig) -> int:
+    """Side of the images the dataset's transforms take: the cached images, or an image folder's input size."""
+    return config.folder_options().size if config.dataset == FOLDER_DATASET else stored_image_size(config.dataset)
 
 
 def preprocess_image(path: str | Path, network: TrainedNetwork) -> Tensor:
@@ -120,7 +134,7 @@ def preprocess_image(path: str | Path, network: TrainedNetwork) -> Tensor:
     Raises:
         DataFormatError: the file cannot be read as an image (one line naming it).
     """
-    image = load_image(path, network.model_config.in_channels, stored_image_size(network.dataset))
+    image = load_image(path, network.model_config.in_channels, stored_size(network.config))
     _, evaluation = dataset_transforms(network.dataset)
     return evaluation(image)
 

@@ -83,7 +83,7 @@ def fit_square(image: np.ndarray, size: int) -> np.ndarray:
         return image
     scale = size / min(height, width)
     new_height, new_width = max(size, round(height * scale)), max(size, round(width * scale))
-    resized = np.asarray(Image.fromarray(image).resize((new_width, new_height), Image.Resampling.BILINEAR))
+    resized = np.array(Image.fromarray(image).resize((new_width, new_height), Image.Resampling.BILINEAR))
     top, left = (new_height - size) // 2, (new_width - size) // 2
     return np.ascontiguousarray(resized[top : top + size, left : left + size])
 
