@@ -91,8 +91,8 @@ class TrainConfig:
                               "(stop) or is left out and counted (skip)", "data", choices=BAD_IMAGE_POLICIES)
     # Model.
     model: str | None = _option(None, "str?", "architecture: a capsule preset (default: smallnorb for "
-                                "smallNORB, mnist for 28x28 datasets) or cnn-baseline, Hinton et al.'s CNN "
-                                "trained with softmax cross-entropy", "model", choices=MODEL_NAMES)
+                                "smallNORB, cifar10 for CIFAR-10, mnist for the others) or cnn-baseline, "
+                                "Hinton et al.'s CNN trained with softmax cross-entropy", "model", choices=MODEL_NAMES)
     iters: int | None = _option(None, "int?", "EM routing iterations, 1 to 3 (default: the preset's, 2)", "model")
     routing_impl: str | None = _option(None, "str?", "routing implementation: fused (default), naive "
                                        "(plain autograd) or triton (CUDA, pip install matcaps[triton])", "model",
@@ -259,7 +259,7 @@ def validate(config: TrainConfig) -> None:
 
 def default_model_name(dataset: str) -> str:
     """The preset trained on ``dataset`` when ``--model`` is not given."""
-    return "smallnorb" if dataset == "smallnorb" else "mnist"
+    return dataset if dataset in ("smallnorb", "cifar10") else "mnist"
 
 
 def resolve_model_config(config: TrainConfig, num_classes: int, image_size: int, channels: int) -> ModelConfig:
