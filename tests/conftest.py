@@ -54,3 +54,31 @@ def _skip_triton_on_cpu_without_interpreter(request: pytest.FixtureRequest) -> N
         reason = triton_cpu_skip_reason()
         if reason is not None:
             pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist_run(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny capsule network trained for four epochs on a tiny prepared MNIST (50 + 10 training,
+    20 test images): ``(run directory, data root)``."""
+    from data_fixtures import write_tiny_mnist
+    from train_support import TINY_MODEL_OPTIONS
+
+    from matcaps.cli import main
+    from matcaps.data import prepare
+
+    root = tmp_path_factory.mktemp("tiny-mnist")
+    write_tiny_mnist(root, n_train=60, n_test=20)
+    prepare("mnist", root, download=False, progress=False, verify=False)
+    run = tmp_path_factory.mktemp("tiny-mnist-run") / "run"
+    options = ["--dataset", "mnist", "--data-root", str(root), "--run-dir", str(run), "--epochs", "4",
+               "--batch-size", "10", "--val-size", "10", "--workers", "0", "--no-progress", "--device", "cpu",
+               "--histogram-every", "0"]  # fmt: skip
+    for key, value in TINY_MODEL_OPTIONS.items():
+        options += ["--model-option", f"{key}={value}"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", *options]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return run, root

@@ -178,3 +178,27 @@ def test_progress_bar_reports_resumed_download(server, tmp_path: Path, capsys) -
     download_file(server.base + "f.bin", dest, progress=True)
     assert dest.read_bytes() == PAYLOAD
     assert "f.bin" in capsys.readouterr().err  # tqdm writes its bar to stderr
+
+
+def test_cifar10_archive_downloads_with_resume(server, tmp_path: Path, monkeypatch) -> None:
+    """``matcaps data cifar10``: the archive is fetched from the mirror, resuming a partial download."""
+    import numpy as np
+
+    from matcaps.data.cifar_format import write_cifar_archive
+
+    rng = np.random.default_rng(0)
+    archive = write_cifar_archive(tmp_path / "cifar-10-python.tar.gz", {
+        "train": (rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8), np.arange(5)),
+        "test": (rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8), np.array([7, 8])),
+    })  # fmt: skip
+    server.files = {f"kriz/{archive.name}": archive.read_bytes()}
+    (source,) = source_files("cifar10")
+    assert source.urls == ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",)
+    monkeypatch.setattr("matcaps.data.cache.source_files", lambda name: (replace(source, mirrors=(server.base + "kriz/",)),))
+    root = tmp_path / "data"
+    (root / "cifar10" / "raw").mkdir(parents=True)
+    part_path(root / "cifar10" / "raw" / archive.name).write_bytes(archive.read_bytes()[:1000])
+    prepare("cifar10", root, progress=False, verify=False)
+    assert (f"/kriz/{archive.name}", "bytes=1000-") in server.requests
+    assert (root / "cifar10" / "raw" / archive.name).read_bytes() == archive.read_bytes()
+    assert len(load_splits(DataConfig(dataset="cifar10", root=root, validation=False)).train) == 5

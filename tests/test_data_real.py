@@ -10,30 +10,16 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
+from real_data import real_data_dir
 
 from matcaps.cli import main
 from matcaps.data.checksums import OFFICIAL_MD5, verify_digest
 from matcaps.data.fileio import digest_file
 from matcaps.data.sources import source_files
-
-#: Environment variable naming a directory with ``<dataset>/`` folders of real raw files.
-REAL_DATA_ENV = "MATCAPS_REAL_DATA"
-
-
-def real_data_dir(name: str) -> Path:
-    """The folder holding the real raw files of ``name``, or skip the test."""
-    configured = os.environ.get(REAL_DATA_ENV)
-    base = Path(configured) if configured else Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
-    folder = base / name
-    missing = [s.filename for s in source_files(name) if not (folder / s.filename).is_file()]
-    if missing:
-        pytest.skip(f"real {name} files not available: {missing[0]} is not in {folder} (see ${REAL_DATA_ENV})")
-    return folder
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion-mnist", "smallnorb"])

@@ -27,7 +27,9 @@ def norb_root(tmp_path_factory) -> Path:
 
 
 def test_public_api_facts() -> None:
-    assert DATASET_NAMES == ("smallnorb", "mnist", "fashion-mnist")
+    assert DATASET_NAMES == ("smallnorb", "mnist", "fashion-mnist", "cifar10")
+    cifar = dataset_info("cifar10")
+    assert (cifar.num_classes, cifar.image_size, cifar.channels, cifar.class_names[1]) == (10, 32, 3, "automobile")
     norb = dataset_info("smallnorb")
     assert (norb.num_classes, norb.image_size, norb.channels) == (5, 32, 1)
     assert norb.class_names == ("animal", "human", "airplane", "truck", "car")

@@ -93,7 +93,7 @@ def evaluate_checkpoint(
         raise CheckpointError(f"checkpoint {path} lacks {error}") from None
     data_config = DataConfig(
         dataset=config.dataset, root=Path(data_root if data_root is not None else config.data_root),
-        split=split or config.split, validation=False, seed=config.seed,
+        split=split or config.split, validation=False, seed=config.seed, folder=config.folder_options(),
     )  # fmt: skip
     splits = load_splits(data_config)
     torch_device = resolve_device(device)

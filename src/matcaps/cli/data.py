@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``data`` sub-command."""
     parser = subparsers.add_parser(
         "data",
-        help="download and prepare a dataset (smallnorb, mnist, fashion-mnist)",
+        help="download and prepare a dataset (smallnorb, mnist, fashion-mnist, cifar10)",
         description=(
             "Download the raw files of a dataset (unless they are already in --root), parse them and "
             "write a compact uint8 cache to ROOT/NAME/prepared, used by `matcaps train` and `matcaps test`. "
@@ -51,9 +51,9 @@ def run(args: argparse.Namespace) -> int:
     state = "already prepared" if already else "prepared"
     print(f"{args.name}: {state} in {cache} (raw files: {raw_dir(args.name, args.root)})")
     for split, entry in manifest["splits"].items():
-        height, width = entry["image_shape"]
-        print(f"  {split}: {entry['count']} images of {height}x{width} uint8")
-    print(f"  classes ({info.num_classes}): {', '.join(info.class_names)}; network input 1x{info.image_size}x{info.image_size}")
+        print(f"  {split}: {entry['count']} images of {'x'.join(map(str, entry['image_shape']))} uint8")
+    print(f"  classes ({info.num_classes}): {', '.join(info.class_names)}; "
+          f"network input {info.channels}x{info.image_size}x{info.image_size}")
     if manifest.get("verified") is True:
         print("  raw files: MD5 sums verified against the official release")
     else:

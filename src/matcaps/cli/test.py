@@ -7,6 +7,9 @@ from pathlib import Path
 
 from matcaps.allocator import ALLOCATOR_REGIMES
 
+#: Where ``matcaps test NAME`` looks for the prepared data of a pretrained network without ``--data-root``.
+PRETRAINED_DATA_ROOT = Path("data")
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``test`` sub-command."""
@@ -19,7 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "confusion-SPLIT-CHECKPOINT.png."
         ),
     )
-    parser.add_argument("target", type=Path, metavar="RUN_DIR|CHECKPOINT", help="run directory or checkpoint file")
+    parser.add_argument("target", type=Path, metavar="RUN_DIR|CHECKPOINT|NAME",
+                        help="run directory, checkpoint file or pretrained network (mnist, fashion-mnist; its "
+                             "report goes to the current directory and its data are looked for in data/)")
     parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
                         help="which checkpoint of a run directory (default: best, by validation accuracy)")
     parser.add_argument("--split", choices=("standard", "azimuth", "elevation"),
@@ -50,23 +55,26 @@ def run_command(args: argparse.Namespace) -> int:
     from matcaps.errors import CheckpointError, ConfigError
     from matcaps.evaluate import evaluate_checkpoint, format_report, save_report
     from matcaps.train.checkpoint import DamagedCheckpointError
+    from matcaps.trained import resolve_target
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.workers < 0:
         raise ConfigError(f"--workers must not be negative, got {args.workers}")
     check_target(args.target)
+    target, pretrained = resolve_target(args.target, args.checkpoint)
+    data_root = args.data_root if args.data_root is not None or pretrained is None else PRETRAINED_DATA_ROOT
     apply_allocator(args.allocator)
     try:
         report = evaluate_checkpoint(
-            args.target, which=args.checkpoint, split=args.split, data_root=args.data_root,
+            target, which=args.checkpoint, split=args.split, data_root=data_root,
             batch_size=args.batch_size, device=args.device, workers=args.workers, progress=args.progress,
         )  # fmt: skip
     except DamagedCheckpointError as error:
         if error.alternative is None:
             raise
         raise CheckpointError(f"{error}: test it with `matcaps test {error.alternative}`") from None
-    json_path, png_path = save_report(report)
+    json_path, png_path = save_report(report, Path.cwd() if pretrained is not None else None)
     print(format_report(report))
     print(f"saved {json_path} and {png_path}")
     return 0

@@ -212,8 +212,10 @@ def run_command(args: argparse.Namespace) -> int:
     data_config = DataConfig(
         dataset=config.dataset, root=Path(config.data_root), split=config.split, val_instances=config.val_instances,
         val_size=config.val_size, validation=config.validation, seed=config.seed,
+        folder=config.folder_options(),
     )  # fmt: skip
     splits = load_splits(data_config)  # fails early (one line) if the data are not prepared
+    report_skipped_images(splits)
     info = splits.info
     model_config = resolve_model_config(config, info.num_classes, info.image_size, info.channels)
     if args.resume is None and isinstance(model_config, CapsNetConfig):  # record what the defaults resolved to
@@ -238,6 +240,20 @@ def run_command(args: argparse.Namespace) -> int:
               f"run directory {run_dir}")
         print(f"evaluate with: matcaps test {run_dir}    curves: matcaps plot {run_dir}")
     return 0
+
+
+def report_skipped_images(splits) -> None:
+    """One line per image of an image folder left out by ``--bad-images skip``, then their count."""
+    import sys
+
+    from matcaps.data.folders import skipped_images
+
+    skipped = skipped_images(splits)
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    if skipped:
+        total = sum(len(d) for d in (splits.train, splits.val, splits.test) if d is not None) + len(skipped)
+        print(f"skipped {len(skipped)} of {total} images that could not be read (--bad-images skip)", file=sys.stderr)
 
 
 def _agree_on_run_dir(args: argparse.Namespace, config: TrainConfig, context) -> Path:

@@ -8,7 +8,8 @@ layout and the file's real size before anything is allocated), parses them and w
     ROOT/<dataset>/prepared/
         manifest.json          counts, shapes, format version, source files, sizes and
                                MD5 sums, whether they were verified
-        train_images.npy       (N, H, W) uint8      smallNORB: H = W = 96, MNIST: 28
+        train_images.npy       (N, H, W) uint8      smallNORB: H = W = 96, MNIST: 28;
+                                                     CIFAR-10: (N, 32, 32, 3), RGB last
         train_labels.npy       (N,) int64
         train_info.npy         (N, 4) int16         smallNORB only: instance, elevation,
         test_*.npy                                   azimuth, lighting (raw NORB codes)
@@ -45,6 +46,7 @@ from tqdm import tqdm
 from matcaps.errors import DataFormatError, DatasetNotFoundError, DownloadError
 from matcaps.fsutil import fsync_directory
 from matcaps.data.checksums import ChecksumError, verify_digest
+from matcaps.data.cifar_format import check_cifar_meta, read_cifar_split
 from matcaps.data.download import download_file
 from matcaps.data.fileio import FileDigest, digest_file
 from matcaps.data.idx_format import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, read_idx, read_idx_header
@@ -331,6 +333,21 @@ def _prepare_idx_split(
     }
 
 
+def _prepare_cifar_split(split: str, sources: dict[str, Path], out: Path, bar: tqdm) -> dict:
+    archive = sources["archive"]
+    if split == SPLIT_NAMES[0]:
+        check_cifar_meta(archive)
+    images, labels = read_cifar_split(archive, split)  # checked batch by batch
+    save_array(out / split_file(split, "images"), images)
+    save_array(out / split_file(split, "labels"), labels)
+    bar.update(images.nbytes)
+    return {
+        "count": int(images.shape[0]),
+        "image_shape": list(images.shape[1:]),
+        "files": {field: split_file(split, field) for field in ("images", "labels")},
+    }
+
+
 def _total_bytes(name: str, digests: dict[str, FileDigest]) -> int | None:
     if name != "smallnorb":
         return None
@@ -363,6 +380,8 @@ def build_cache(
         for split in SPLIT_NAMES:
             if name == "smallnorb":
                 splits[split] = _prepare_norb_split(split, sources, specs, digests, out, bar)
+            elif name == "cifar10":
+                splits[split] = _prepare_cifar_split(split, sources, out, bar)
             else:
                 splits[split] = _prepare_idx_split(name, split, sources, specs, digests, out, bar)
     manifest = {

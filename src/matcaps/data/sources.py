@@ -17,13 +17,16 @@ import numpy as np
 from matcaps.errors import ConfigError
 
 #: Every dataset name the library knows.
-DATASET_NAMES: tuple[str, ...] = ("smallnorb", "mnist", "fashion-mnist")
+DATASET_NAMES: tuple[str, ...] = ("smallnorb", "mnist", "fashion-mnist", "cifar10")
 
 #: Side of the network input for smallNORB: a 32×32 crop of the image resized to 48×48.
 SMALLNORB_INPUT_SIZE = 32
 
 #: Side of MNIST / Fashion-MNIST images, fed to the network unchanged.
 DIGITS_INPUT_SIZE = 28
+
+#: Side of CIFAR-10's colour images, fed to the network unchanged.
+CIFAR10_INPUT_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ class DatasetInfo:
         num_classes: number of classes ``K``.
         class_names: ``K`` human-readable names, index = label.
         image_size: side ``S`` of the ``(1, S, S)`` network input.
-        channels: number of input channels (1 for all three datasets).
+        channels: number of input channels (1, or 3 for CIFAR-10's colour images).
     """
 
     name: str
@@ -54,7 +57,22 @@ _INFOS: dict[str, DatasetInfo] = {
         ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
         DIGITS_INPUT_SIZE,
     ),
+    "cifar10": DatasetInfo(
+        "cifar10",
+        10,
+        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+        CIFAR10_INPUT_SIZE,
+        channels=3,
+    ),
 }
+
+
+def stored_image_size(name: str) -> int:
+    """Side of the square images the cache of ``name`` stores, the input of its transforms.
+
+    smallNORB's transforms resize and crop its 96×96 images; the other datasets are used as stored.
+    """
+    return SMALLNORB_IMAGE_SIDE if check_dataset_name(name) == "smallnorb" else dataset_info(name).image_size
 
 
 def check_dataset_name(name: str) -> str:
@@ -151,6 +169,13 @@ MNIST_MIRRORS = (
 #: Zalando's Fashion-MNIST bucket.
 FASHION_MNIST_MIRRORS = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",)
 
+#: Alex Krizhevsky's CIFAR page (the only official source).
+CIFAR10_MIRRORS = ("https://www.cs.toronto.edu/~kriz/",)
+
+#: Largest acceptable CIFAR-10 archive once decompressed: the official tar holds six pickles of
+#: about 31 MB each (about 178 MiB in all); anything far larger is not it.
+CIFAR10_MAX_TAR_BYTES = 256 * 1024 * 1024
+
 #: smallNORB file name stems: training instances 4,6,7,8,9 and test instances 0,1,2,3,5.
 SMALLNORB_TRAIN_STEM = "smallnorb-5x46789x9x18x6x2x96x96-training"
 SMALLNORB_TEST_STEM = "smallnorb-5x01235x9x18x6x2x96x96-testing"
@@ -217,6 +242,9 @@ _SOURCES: dict[str, tuple[SourceFile, ...]] = {
     "smallnorb": _smallnorb_sources(),
     "mnist": _idx_sources(MNIST_MIRRORS),
     "fashion-mnist": _idx_sources(FASHION_MNIST_MIRRORS),
+    # one gzipped tar of pickled batches (matcaps.data.cifar_format); its layout only caps its size
+    "cifar10": (SourceFile("archive", "cifar-10-python.tar.gz", CIFAR10_MIRRORS,
+                           RawLayout("bytes of the tar archive", "uint8", (), CIFAR10_MAX_TAR_BYTES, 0)),),
 }
 
 

@@ -41,6 +41,7 @@ from torch.utils.data import Dataset
 from matcaps.errors import ConfigError, DataFormatError, DatasetNotFoundError
 from matcaps.data.cache import NORB_INFO_COLUMNS, cache_dir, read_manifest
 from matcaps.data.datasets import CachedImageDataset
+from matcaps.data.folders import FOLDER_DATASET, FolderOptions, load_folder
 from matcaps.data.sources import DatasetInfo, check_dataset_name, dataset_info
 from matcaps.data.transforms import DigitsTransform, NorbTransform
 
@@ -76,13 +77,14 @@ class DataConfig:
     """Which data to load and how to split it.
 
     Attributes:
-        dataset: one of ``DATASET_NAMES``.
-        root: data root (the cache is ``root/<dataset>/prepared``).
+        dataset: one of ``DATASET_NAMES``, or ``folder`` (:mod:`~matcaps.data.folders`).
+        root: data root (the cache is ``root/<dataset>/prepared``); for ``folder``, the image folder.
         split: ``"standard"``, or smallNORB's ``"azimuth"`` / ``"elevation"``.
         val_instances: smallNORB instances held out of training for validation.
         val_size: MNIST-family: images held out of training for validation.
         validation: hold out a validation set at all.
         seed: seeds the MNIST hold-out and every training augmentation.
+        folder: how image folders are read and split (``dataset="folder"`` only).
     """
 
     dataset: str = "smallnorb"
@@ -92,9 +94,13 @@ class DataConfig:
     val_size: int = 5000
     validation: bool = True
     seed: int = 0
+    folder: FolderOptions = FolderOptions()
 
     def __post_init__(self) -> None:
-        check_dataset_name(self.dataset)
+        if self.dataset != FOLDER_DATASET:
+            check_dataset_name(self.dataset)
+            if (self.folder.image_size, self.folder.channels) != (None, None):
+                raise ConfigError("--image-size and --channels apply to image folders (--dataset folder) only")
         object.__setattr__(self, "root", Path(self.root))
         object.__setattr__(self, "val_instances", tuple(int(i) for i in self.val_instances))
         if self.split not in SPLIT_KINDS:
@@ -177,6 +183,15 @@ def _hold_out(config: DataConfig, train: _Split, candidates: np.ndarray) -> tupl
     return rest, val
 
 
+def dataset_transforms(name: str) -> tuple:
+    """The training and the evaluation transform of dataset ``name`` (validation, test, ``matcaps predict``)."""
+    if name == FOLDER_DATASET:
+        return DigitsTransform(train=True), DigitsTransform(train=False)
+    if check_dataset_name(name) == "smallnorb":
+        return NorbTransform(train=True), NorbTransform(train=False)
+    return DigitsTransform(train=True), DigitsTransform(train=False)
+
+
 def load_splits(config: DataConfig) -> DataSplits:
     """Build the train / validation / test datasets of ``config`` from the prepared cache.
 
@@ -186,6 +201,8 @@ def load_splits(config: DataConfig) -> DataSplits:
         ConfigError: the split / validation options select nothing.
     """
     name = config.dataset
+    if name == FOLDER_DATASET:
+        return load_folder(config.root, config.folder, config.validation, config.seed)
     cache = cache_dir(name, config.root)
     command = f"matcaps data {name} --root {config.root}"
     try:
@@ -199,10 +216,7 @@ def load_splits(config: DataConfig) -> DataSplits:
     candidates = np.flatnonzero(train_mask)
     train_rows, val_rows = _hold_out(config, train, candidates)
 
-    if name == "smallnorb":
-        train_transform, eval_transform = NorbTransform(train=True), NorbTransform(train=False)
-    else:
-        train_transform, eval_transform = DigitsTransform(train=True), DigitsTransform(train=False)
+    train_transform, eval_transform = dataset_transforms(name)
 
     def make(split: _Split, rows: np.ndarray, transform) -> CachedImageDataset:
         return CachedImageDataset(split.images_path, split.labels, rows, transform, config.seed, split.metadata)

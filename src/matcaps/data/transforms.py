@@ -15,10 +15,12 @@ alias-free box filter).  TF1's ``resize_images`` (IBM) sampled without the half-
 offset, i.e. it kept every second pixel; we prefer the box average.
 
 MNIST / Fashion-MNIST: ``/255`` → per-image standardisation, at 28×28, for training and
-evaluation alike (no augmentation, so nothing random).
+evaluation alike (no augmentation, so nothing random); CIFAR-10 and image folders the same, in
+colour.
 
-Every transform maps a ``(H, W)`` uint8 array to a ``(1, S, S)`` float32 tensor and takes
-an optional ``torch.Generator`` that is the only source of randomness.
+Every transform maps a ``(H, W)`` uint8 array to a ``(1, S, S)`` float32 tensor, or a colour
+``(H, W, C)`` one to ``(C, S, S)``, and takes an optional ``torch.Generator`` that is the only
+source of randomness.
 """
 
 from __future__ import annotations
@@ -47,9 +49,10 @@ NORB_CONTRAST_RANGE = (0.5, 1.5)
 
 
 def to_unit_float(image: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """``(H, W)`` uint8 → ``(1, H, W)`` float32 in [0, 1]."""
+    """``(H, W)`` uint8 → ``(1, H, W)``, or colour ``(H, W, C)`` → ``(C, H, W)``, float32 in [0, 1]."""
     tensor = torch.as_tensor(np.asarray(image)) if not isinstance(image, torch.Tensor) else image
-    return tensor.to(torch.float32).div(PIXEL_SCALE).unsqueeze(0)
+    tensor = tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
+    return tensor.to(torch.float32).div(PIXEL_SCALE)
 
 
 def resize_bilinear(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -150,7 +153,8 @@ class NorbTransform:
 
 @dataclass(frozen=True)
 class DigitsTransform:
-    """MNIST / Fashion-MNIST: ``/255`` then per-image standardisation; ``(1, 28, 28)``.
+    """MNIST / Fashion-MNIST (and CIFAR-10 and image folders, in colour too): ``/255`` then per-image
+    standardisation over every pixel and channel; ``(1, 28, 28)`` for MNIST.
 
     Attributes:
         train: recorded for symmetry; the transform is the same (nothing random).
@@ -164,5 +168,5 @@ class DigitsTransform:
         return False
 
     def __call__(self, image: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``(H, W)`` uint8 → ``(1, H, W)`` float32."""
+        """``(H, W)`` uint8 → ``(1, H, W)`` float32, or ``(H, W, C)`` → ``(C, H, W)``."""
         return per_image_standardise(to_unit_float(image)).contiguous()

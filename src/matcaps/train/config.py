@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from matcaps.allocator import ALLOCATOR_REGIMES
+from matcaps.data.folders import BAD_IMAGE_POLICIES, FolderOptions
 from matcaps.errors import ConfigError
 from matcaps.losses import MarginSchedule
 from matcaps.models import CNN_BASELINE, MODEL_NAMES, CapsNetConfig, CNNBaselineConfig, ModelConfig, preset
@@ -67,8 +68,10 @@ class TrainConfig:
     """
 
     # Data.
-    dataset: str = _option("smallnorb", "str", "dataset name (see `matcaps data --help`)", "data")
-    data_root: str = _option("data", "str", "directory holding the prepared datasets", "data")
+    dataset: str = _option("smallnorb", "str", "dataset name (see `matcaps data --help`), or folder: your own "
+                           "images in --data-root, one sub-folder per class (or train/ and test/ holding them)", "data")
+    data_root: str = _option("data", "str", "directory holding the prepared datasets (the image folder for "
+                             "--dataset folder)", "data")
     split: str = _option("standard", "str", "train/test split: standard, or the novel-viewpoint "
                          "azimuth/elevation splits of smallNORB", "data", choices=SPLITS)
     validation: bool = _option(True, "bool", "hold out a validation set from the training data", "data")
@@ -76,10 +79,20 @@ class TrainConfig:
                                              "for validation", "data")
     val_size: int = _option(5000, "int", "validation images held out for datasets without "
                             "instances (MNIST-like)", "data")
+    image_size: int | None = _option(None, "int?", "image folders: side of the square network input the images are "
+                                     "resized (shorter side) and centre-cropped to (default: 32)", "data")
+    channels: int | None = _option(None, "int?", "image folders: 1 (grey) or 3 (RGB) (default: 3 if any image is "
+                                   "in colour, else 1)", "data", choices=(1, 3))
+    val_fraction: float = _option(0.1, "float", "image folders without a val/ folder: share of each class's training "
+                                  "images held out for validation", "data")
+    test_fraction: float = _option(0.2, "float", "image folders without train/ and test/ folders: share of each "
+                                   "class's images held out as the test set (seeded)", "data")
+    bad_images: str = _option("stop", "str", "image folders: an unreadable or corrupt image stops with its name "
+                              "(stop) or is left out and counted (skip)", "data", choices=BAD_IMAGE_POLICIES)
     # Model.
     model: str | None = _option(None, "str?", "architecture: a capsule preset (default: smallnorb for "
-                                "smallNORB, mnist for 28x28 datasets) or cnn-baseline, Hinton et al.'s CNN "
-                                "trained with softmax cross-entropy", "model", choices=MODEL_NAMES)
+                                "smallNORB, cifar10 for CIFAR-10, mnist for the others) or cnn-baseline, "
+                                "Hinton et al.'s CNN trained with softmax cross-entropy", "model", choices=MODEL_NAMES)
     iters: int | None = _option(None, "int?", "EM routing iterations, 1 to 3 (default: the preset's, 2)", "model")
     routing_impl: str | None = _option(None, "str?", "routing implementation: fused (default), naive "
                                        "(plain autograd) or triton (CUDA, pip install matcaps[triton])", "model",
@@ -149,6 +162,10 @@ class TrainConfig:
     def from_dict(cls, values: Mapping[str, Any], source: str = "configuration") -> "TrainConfig":
         """Inverse of :meth:`to_dict`; unknown keys and wrong types raise :class:`ConfigError`."""
         return cls(**coerce_values(values, source))
+
+    def folder_options(self) -> FolderOptions:
+        """How an image folder is read and split (``--dataset folder``)."""
+        return FolderOptions(self.image_size, self.channels, self.val_fraction, self.test_fraction, self.bad_images)
 
     def margin_schedule(self) -> MarginSchedule:
         """The spread-loss margin schedule of this run."""
@@ -242,7 +259,7 @@ def validate(config: TrainConfig) -> None:
 
 def default_model_name(dataset: str) -> str:
     """The preset trained on ``dataset`` when ``--model`` is not given."""
-    return "smallnorb" if dataset == "smallnorb" else "mnist"
+    return dataset if dataset in ("smallnorb", "cifar10") else "mnist"
 
 
 def resolve_model_config(config: TrainConfig, num_classes: int, image_size: int, channels: int) -> ModelConfig:
