@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from matcaps.errors import ConfigError
 
 #: Routing implementations that give the same numbers (see ``matcaps.routing.em``).
-ROUTING_IMPLEMENTATIONS: tuple[str, ...] = ("fused", "naive")
+ROUTING_IMPLEMENTATIONS: tuple[str, ...] = ("fused", "naive", "blocked")
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,9 @@ class EMRoutingConfig:
         epsilon: Guards the divisions by the data a parent receives, ``R_j + ε``, and the
             logarithm of parent activations, ``ln(a_j + ε)``.
         implementation: Which implementation computes the routing: ``"fused"`` (default,
-            hand-written backward, low memory) or ``"naive"`` (plain autograd; kept to
-            measure the gain).  Both give the same numbers.
+            hand-written backward, low memory), ``"blocked"`` (compiled CPU kernel that
+            keeps each block of votes in cache; ``fused`` where it does not apply) or
+            ``"naive"`` (plain autograd; kept to measure the gain).  All give the same numbers.
     """
 
     iterations: int = 2

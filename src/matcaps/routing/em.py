@@ -1,14 +1,17 @@
 """EM routing between capsule layers (Hinton, Sabour & Frosst 2018, Procedure 1).
 
-The public entry point :func:`em_routing` dispatches to one of two implementations that
-give the same numbers:
+The public entry points :func:`route_capsules` and :func:`em_routing` dispatch to one of
+three implementations that give the same numbers:
 
 * ``"fused"`` (:mod:`matcaps.routing.fused`): a custom autograd function that keeps one
   votes-sized buffer per iteration and computes the backward pass by hand;
+* ``"blocked"`` (:mod:`matcaps.routing.blocked`): a compiled CPU kernel that computes the
+  votes block by block in cache and never stores them (``route_capsules`` only: given
+  votes, and off the CPU, it runs ``fused``);
 * ``"naive"`` (:mod:`matcaps.routing.naive`): every intermediate materialised and
   differentiated by autograd.
 
-Both follow the IBM implementation's three corrections (Gritzman 2019): routing weights
+All follow the IBM implementation's three corrections (Gritzman 2019): routing weights
 normalised over every parent a child reaches (positions and types), a variance floor and
 log-space E-step for parents with a single child, and a cost scaled by the data a parent
 receives and by the layer factor ``f_L``.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from matcaps.routing.blocked import route_capsules_blocked
 from matcaps.routing.config import EMRoutingConfig
 from matcaps.routing.fused import em_routing_fused, route_capsules_fused
 from matcaps.routing.geometry import RoutingGeometry
@@ -73,7 +77,8 @@ def em_routing(
     if votes.dim() != 5:
         raise ValueError(f"votes must have shape (N, L, C, I, H), got {tuple(votes.shape)}")
     _check_routing_inputs(votes.shape[:4], child_activations, beta_v, beta_a, geometry)
-    route = em_routing_fused if config.implementation == "fused" else em_routing_naive
+    # Given votes, the blocked routing has nothing to save: it runs the fused one.
+    route = em_routing_naive if config.implementation == "naive" else em_routing_fused
     with torch.autocast(votes.device.type, enabled=False):
         votes, child_activations, beta_v, beta_a = _full_precision(votes, child_activations, beta_v, beta_a)
         return route(votes, child_activations, beta_v, beta_a, geometry, config)
@@ -93,7 +98,8 @@ def route_capsules(
 
     This is what a routed capsule layer computes.  With the ``"fused"`` implementation
     the votes are never kept for the backward pass (they are recomputed from the poses),
-    so memory does not grow with the number of votes.
+    so memory does not grow with the number of votes; with ``"blocked"`` they never
+    leave the cache.
 
     Args:
         windows: ``(N, L, I, P, P)``, poses of the ``I`` children of each window.
@@ -118,6 +124,10 @@ def route_capsules(
         if config.implementation == "naive":
             votes = compute_votes(windows, transforms, vote_offsets)
             return em_routing_naive(votes, child_activations, beta_v, beta_a, geometry, config)
+        if config.implementation == "blocked":
+            return route_capsules_blocked(
+                windows, transforms, child_activations, beta_v, beta_a, geometry, config, vote_offsets
+            )
         return route_capsules_fused(windows, transforms, child_activations, beta_v, beta_a, geometry, config, vote_offsets)
 
 
