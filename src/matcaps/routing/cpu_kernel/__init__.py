@@ -27,7 +27,7 @@ SOURCE = Path(__file__).with_name("routing_cpu.cpp")
 EXTENSION_PREFIX = "matcaps_blocked_routing"
 #: Compiler flags: optimised, vectorised for this CPU, OpenMP (``at::parallel_for`` is inlined
 #: from PyTorch's headers and needs it to run on several threads).
-COMPILE_FLAGS: tuple[str, ...] = ("-O3", "-march=native", "-fopenmp")
+COMPILE_FLAGS: tuple[str, ...] = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp")
 LINK_FLAGS: tuple[str, ...] = ("-fopenmp",)
 
 

@@ -37,44 +37,78 @@ constexpr int64_t kLanes = 16;    // parent types per vector chunk
 constexpr int64_t kChunk = kEntries * kLanes;  // values of one child's votes in one chunk
 constexpr double kLog2Pi = 1.8378770664093453;
 
-// ------------------------------------------------------------------ vectorisable exp and log
-// Plain arithmetic and bit operations only, so that `omp simd` loops calling them vectorise.
+// ------------------------------------------------------------------ vectors of parent types
+// GCC/Clang vector extensions: one Vec holds kLanes values (one zmm register for float, two
+// for double); arithmetic, comparisons (integer masks) and ?: work lane by lane.
 
-template <typename T> struct FloatBits;
-template <> struct FloatBits<float> {
-  using Int = int32_t;
+template <typename T> struct Lanes;
+template <> struct Lanes<float> {
+  typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+  typedef int32_t Int __attribute__((vector_size(kLanes * sizeof(float))));
+  using Scalar = int32_t;
   static constexpr int kMantissa = 23;
-  static constexpr Int kBias = 127;
+  static constexpr Scalar kBias = 127;
 };
-template <> struct FloatBits<double> {
-  using Int = int64_t;
+template <> struct Lanes<double> {
+  typedef double Vec __attribute__((vector_size(kLanes * sizeof(double))));
+  typedef int64_t Int __attribute__((vector_size(kLanes * sizeof(double))));
+  using Scalar = int64_t;
   static constexpr int kMantissa = 52;
-  static constexpr Int kBias = 1023;
+  static constexpr Scalar kBias = 1023;
 };
+template <typename T> using Vec = typename Lanes<T>::Vec;
+template <typename T> using IntVec = typename Lanes<T>::Int;
 
 template <typename T>
-inline T power_of_two(typename FloatBits<T>::Int e) {  // 2^e, e in the normal exponent range
-  using Int = typename FloatBits<T>::Int;
-  return __builtin_bit_cast(T, static_cast<Int>((e + FloatBits<T>::kBias) << FloatBits<T>::kMantissa));
+inline Vec<T> splat(T x) {
+  return Vec<T>{} + x;
+}
+template <typename T>
+inline Vec<T> load(const T* p) {
+  Vec<T> v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+template <typename T>
+inline void store(T* p, const Vec<T>& v) {
+  __builtin_memcpy(p, &v, sizeof v);
+}
+template <typename T>
+inline T sum_lanes(const Vec<T>& v) {
+  T total = 0;
+  for (int64_t j = 0; j < kLanes; ++j) total += v[j];
+  return total;
+}
+template <typename T>
+inline T max_lanes(const Vec<T>& v) {
+  T top = v[0];
+  for (int64_t j = 1; j < kLanes; ++j) top = v[j] > top ? v[j] : top;
+  return top;
+}
+template <typename T>
+inline Vec<T> select(const IntVec<T>& mask, const Vec<T>& a, const Vec<T>& b) {
+  return mask ? a : b;
 }
 
 // exp(x) to about 1 ulp: x = n ln2 + r, |r| <= ln2/2, Taylor polynomial of r (degree 7 for
 // float, 13 for double: truncation below half an ulp), scaled by 2^n in two steps so that
-// subnormal results are rounded gradually.
+// subnormal results are rounded gradually; 0 below the subnormal range, inf above.
 template <typename T>
-inline T fast_exp(T x) {
+inline Vec<T> vexp(const Vec<T>& x) {
   constexpr bool kFloat = std::is_same_v<T, float>;
-  using Int = typename FloatBits<T>::Int;
+  using L = Lanes<T>;
   const T max_x = kFloat ? T(88.72283) : T(709.782712893384);
   const T min_x = kFloat ? T(-103.97208) : T(-745.1332191019412);
   const T ln2_hi = kFloat ? T(0.693359375) : T(6.93145751953125e-1);
   const T ln2_lo = kFloat ? T(-2.12194440e-4) : T(1.42860682030941723212e-6);
-  T clamped = x < min_x ? min_x : (x > max_x ? max_x : x);
-  T n = std::floor(clamped * T(1.4426950408889634) + T(0.5));
-  T r = clamped - n * ln2_hi - n * ln2_lo;
-  T p;
+  const T round = kFloat ? T(12582912.0) : T(6755399441055744.0);  // 1.5 * 2^mantissa
+  Vec<T> c = select<T>(x < min_x, splat(min_x), x);
+  c = select<T>(c > max_x, splat(max_x), c);
+  const Vec<T> n = (c * T(1.4426950408889634) + round) - round;
+  const Vec<T> r = (c - n * ln2_hi) - n * ln2_lo;
+  Vec<T> p;
   if constexpr (kFloat) {
-    p = T(1.0 / 5040);
+    p = splat(T(1.0 / 5040));
     p = p * r + T(1.0 / 720);
     p = p * r + T(1.0 / 120);
     p = p * r + T(1.0 / 24);
@@ -83,7 +117,7 @@ inline T fast_exp(T x) {
     p = p * r + T(1);
     p = p * r + T(1);
   } else {
-    p = T(1.0 / 6227020800.0);
+    p = splat(T(1.0 / 6227020800.0));
     p = p * r + T(1.0 / 479001600.0);
     p = p * r + T(1.0 / 39916800.0);
     p = p * r + T(1.0 / 3628800.0);
@@ -98,44 +132,47 @@ inline T fast_exp(T x) {
     p = p * r + T(1);
     p = p * r + T(1);
   }
-  Int exponent = static_cast<Int>(n);
-  Int half = exponent >> 1;
-  T result = p * power_of_two<T>(half) * power_of_two<T>(exponent - half);
-  result = x > max_x ? std::numeric_limits<T>::infinity() : result;
-  result = x < min_x ? T(0) : result;
-  return x != x ? x : result;  // NaN stays NaN
+  const IntVec<T> e = __builtin_convertvector(n, IntVec<T>);
+  const IntVec<T> half = e >> 1;
+  const Vec<T> scale_a = (Vec<T>)((half + L::kBias) << L::kMantissa);
+  const Vec<T> scale_b = (Vec<T>)((e - half + L::kBias) << L::kMantissa);
+  Vec<T> result = p * scale_a * scale_b;
+  result = select<T>(x > max_x, splat(std::numeric_limits<T>::infinity()), result);
+  result = select<T>(x < min_x, splat(T(0)), result);
+  return select<T>(x != x, x, result);  // NaN stays NaN
 }
 
 // ln(x) to about 1 ulp: x = 2^e m with m in [sqrt(1/2), sqrt(2)), ln m = 2 atanh(s),
 // s = (m - 1)/(m + 1), |s| <= 0.1716, odd series of s (to s^9 for float, s^21 for double).
 template <typename T>
-inline T fast_log(T x) {
+inline Vec<T> vlog(const Vec<T>& x) {
   constexpr bool kFloat = std::is_same_v<T, float>;
-  using Int = typename FloatBits<T>::Int;
-  constexpr int kMantissa = FloatBits<T>::kMantissa;
+  using L = Lanes<T>;
+  using S = typename L::Scalar;
   const T ln2_hi = kFloat ? T(0.693359375) : T(6.93145751953125e-1);
   const T ln2_lo = kFloat ? T(-2.12194440e-4) : T(1.42860682030941723212e-6);
-  const bool subnormal = x < std::numeric_limits<T>::min();
-  const T scaled = subnormal ? x * T(Int(1) << kMantissa) : x;
-  const Int bits = __builtin_bit_cast(Int, scaled);
-  Int exponent = ((bits >> kMantissa) & ((Int(1) << (sizeof(T) * 8 - 1 - kMantissa)) - 1)) - FloatBits<T>::kBias;
-  exponent = subnormal ? exponent - kMantissa : exponent;
-  T m = __builtin_bit_cast(T, static_cast<Int>((bits & ((Int(1) << kMantissa) - 1)) | (FloatBits<T>::kBias << kMantissa)));
-  const bool above = m > T(1.4142135623730951);
-  m = above ? m * T(0.5) : m;
+  const IntVec<T> subnormal = x < std::numeric_limits<T>::min();
+  const Vec<T> scaled = select<T>(subnormal, x * T(S(1) << L::kMantissa), x);
+  const IntVec<T> bits = (IntVec<T>)scaled;
+  const S exponent_mask = (S(1) << (sizeof(T) * 8 - 1 - L::kMantissa)) - 1;
+  IntVec<T> exponent = ((bits >> L::kMantissa) & exponent_mask) - L::kBias;
+  exponent = subnormal ? exponent - L::kMantissa : exponent;
+  Vec<T> m = (Vec<T>)((bits & ((S(1) << L::kMantissa) - 1)) | (L::kBias << L::kMantissa));
+  const IntVec<T> above = m > T(1.4142135623730951);
+  m = select<T>(above, m * T(0.5), m);
   exponent = above ? exponent + 1 : exponent;
-  const T f = m - T(1);
-  const T s = f / (T(2) + f);
-  const T s2 = s * s;
-  T p;
+  const Vec<T> f = m - T(1);
+  const Vec<T> s = f / (f + T(2));
+  const Vec<T> s2 = s * s;
+  Vec<T> p;
   if constexpr (kFloat) {
-    p = T(1.0 / 9);
+    p = splat(T(1.0 / 9));
     p = p * s2 + T(1.0 / 7);
     p = p * s2 + T(1.0 / 5);
     p = p * s2 + T(1.0 / 3);
     p = p * s2 + T(1);
   } else {
-    p = T(1.0 / 21);
+    p = splat(T(1.0 / 21));
     p = p * s2 + T(1.0 / 19);
     p = p * s2 + T(1.0 / 17);
     p = p * s2 + T(1.0 / 15);
@@ -147,11 +184,11 @@ inline T fast_log(T x) {
     p = p * s2 + T(1.0 / 3);
     p = p * s2 + T(1);
   }
-  const T e = static_cast<T>(exponent);
-  const T result = e * ln2_hi + (T(2) * s * p + e * ln2_lo);
+  const Vec<T> e = __builtin_convertvector(exponent, Vec<T>);
+  const Vec<T> result = e * ln2_hi + (T(2) * s * p + e * ln2_lo);
   const T inf = std::numeric_limits<T>::infinity();
-  const T special = x == T(0) ? -inf : (x == inf ? inf : std::numeric_limits<T>::quiet_NaN());
-  return (x > T(0) && x < inf) ? result : special;
+  const Vec<T> special = select<T>(x == T(0), splat(-inf), select<T>(x == inf, splat(inf), splat(std::numeric_limits<T>::quiet_NaN())));
+  return select<T>((x > T(0)) & (x < inf), result, special);
 }
 
 // ------------------------------------------------------------------ the layer
@@ -174,52 +211,46 @@ struct Layer {
   int64_t blocks() const { return n * positions; }
   const T* block_poses(int64_t block) const { return windows + block * children * kEntries; }
   const T* block_activations(int64_t block) const { return activations + block * children; }
+  // Lanes of real parent types in a chunk: an all-ones mask, or 0 for the padding types.
+  IntVec<T> real_types(int64_t chunk) const {
+    IntVec<T> mask{};
+    for (int64_t j = 0; j < kLanes; ++j) mask[j] = chunk * kLanes + j < types ? -1 : 0;
+    return mask;
+  }
 };
 
-// Votes of one block and one chunk of parent types: V[i][x*4+z][lane].
+// Votes of one block and one chunk of parent types: votes[i * 16 + (x*4+z)] over the lanes.
 template <typename T>
-inline void block_votes(const Layer<T>& g, int64_t block, int64_t chunk, T* votes) {
+inline void block_votes(const Layer<T>& g, int64_t block, int64_t chunk, Vec<T>* votes) {
   const T* poses = g.block_poses(block);
   for (int64_t i = 0; i < g.children; ++i) {
     const T* m = poses + i * kEntries;
     const T* w = g.transforms + (i * g.chunks + chunk) * kChunk;  // [y][z][lane]
-    T* v = votes + i * kChunk;
+    Vec<T> rows[kEntries];
+    for (int64_t k = 0; k < kEntries; ++k) rows[k] = load(w + k * kLanes);
+    Vec<T>* v = votes + i * kEntries;
     for (int64_t x = 0; x < kSide; ++x) {
       for (int64_t z = 0; z < kSide; ++z) {
-        const T offset = g.offsets ? g.offsets[i * kEntries + x * kSide + z] : T(0);
-        T acc[kLanes];
-#pragma omp simd
-        for (int64_t j = 0; j < kLanes; ++j) acc[j] = offset;
-        for (int64_t y = 0; y < kSide; ++y) {
-          const T a = m[x * kSide + y];
-          const T* wr = w + (y * kSide + z) * kLanes;
-#pragma omp simd
-          for (int64_t j = 0; j < kLanes; ++j) acc[j] += a * wr[j];
-        }
-        T* out = v + (x * kSide + z) * kLanes;
-#pragma omp simd
-        for (int64_t j = 0; j < kLanes; ++j) out[j] = acc[j];
+        Vec<T> acc = g.offsets ? splat(g.offsets[i * kEntries + x * kSide + z]) : Vec<T>{};
+        for (int64_t y = 0; y < kSide; ++y) acc += m[x * kSide + y] * rows[y * kSide + z];
+        v[x * kSide + z] = acc;
       }
     }
   }
 }
 
-// Per-parent statistics of one iteration, laid out [iteration][block][...][Cp].
+// Per-parent statistics of every iteration, laid out [iteration][block][...][Cp].
 template <typename T>
 struct Stats {
-  T* mean = nullptr;      // (T, N*L, 16, Cp)
-  T* variance = nullptr;  // (T, N*L, 16, Cp), floor included
-  T* activation = nullptr;  // (T, N*L, Cp)
-  T* data = nullptr;      // (T, N*L, Cp) R
+  T* mean = nullptr;          // (T, N*L, 16, Cp)
+  T* variance = nullptr;      // (T, N*L, 16, Cp), floor included
+  T* activation = nullptr;    // (T, N*L, Cp)
+  T* data = nullptr;          // (T, N*L, Cp) R
   T* log_variance = nullptr;  // (T, N*L, Cp) sum_h ln sigma^2
-  T* residual = nullptr;  // (T, N*L, 16, Cp) sum_i w (V - mu), as rounded in the variance
+  T* residual = nullptr;      // (T, N*L, 16, Cp) sum_i w (V - mu), as rounded in the variance
   int64_t blocks = 0, padded_types = 0;
-  T* mean_at(int64_t t, int64_t b, int64_t c) const { return mean + ((t * blocks + b) * kEntries) * padded_types + c; }
-  T* variance_at(int64_t t, int64_t b, int64_t c) const { return variance + ((t * blocks + b) * kEntries) * padded_types + c; }
-  T* activation_at(int64_t t, int64_t b, int64_t c) const { return activation + (t * blocks + b) * padded_types + c; }
-  T* data_at(int64_t t, int64_t b, int64_t c) const { return data + (t * blocks + b) * padded_types + c; }
-  T* log_variance_at(int64_t t, int64_t b, int64_t c) const { return log_variance + (t * blocks + b) * padded_types + c; }
-  T* residual_at(int64_t t, int64_t b, int64_t c) const { return residual + ((t * blocks + b) * kEntries) * padded_types + c; }
+  int64_t per_entry(int64_t t, int64_t b, int64_t c) const { return ((t * blocks + b) * kEntries) * padded_types + c; }
+  int64_t per_parent(int64_t t, int64_t b, int64_t c) const { return (t * blocks + b) * padded_types + c; }
 };
 
 // Runs f(range_index, first_block, end_block) over `ranges` contiguous ranges of blocks.
@@ -249,151 +280,99 @@ void forward_pass(const Layer<T>& g, int64_t t, const Stats<T>& stats, int64_t s
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const int64_t I = g.children, Cp = g.padded_types;
   for_block_ranges(g.blocks(), ranges, [&](int64_t, int64_t first, int64_t end) {
-    std::vector<T> votes(I * kChunk), weights(I * kLanes);
+    std::vector<Vec<T>> votes(I * kEntries), weights(I);
+    std::vector<T> top(I), total(I);
     for (int64_t block = first; block < end; ++block) {
       const int64_t l = block % g.positions;
       const T* a_in = g.block_activations(block);
       T* logits = buf.logits + block * I * Cp;
       const T* norm = buf.child_norm + block * I;
+      if (!last) {
+        std::fill(top.begin(), top.end(), neg_inf);
+        std::fill(total.begin(), total.end(), T(0));
+      }
       for (int64_t chunk = 0; chunk < g.chunks; ++chunk) {
         const int64_t c0 = chunk * kLanes;
+        const IntVec<T> real = g.real_types(chunk);
         block_votes(g, block, chunk, votes.data());
-        // Routing weights r and data R = sum_i r a_i.
-        T data[kLanes] = {};
+        // Routing weights r, r' = r a_i and data R = sum_i r'.
+        Vec<T> data{};
         for (int64_t i = 0; i < I; ++i) {
-          T r[kLanes];
-          if (t == 0) {
-            const T p = g.prior[l * I + i];
-#pragma omp simd
-            for (int64_t j = 0; j < kLanes; ++j) r[j] = c0 + j < g.types ? p : T(0);
-          } else {
-            const T* z = logits + i * Cp + c0;
-            const T shift = norm[i];
-#pragma omp simd
-            for (int64_t j = 0; j < kLanes; ++j) r[j] = fast_exp(z[j] - shift);
-          }
-          if (buf.routing) {
-            T* out = buf.routing + ((t * g.blocks() + block) * I + i) * Cp + c0;
-#pragma omp simd
-            for (int64_t j = 0; j < kLanes; ++j) out[j] = r[j];
-          }
-          const T a = a_in[i];
-          T* w = weights.data() + i * kLanes;
-#pragma omp simd
-          for (int64_t j = 0; j < kLanes; ++j) {
-            w[j] = r[j] * a;
-            data[j] += w[j];
-          }
+          const Vec<T> r = t == 0 ? select<T>(real, splat(g.prior[l * I + i]), Vec<T>{})
+                                  : vexp<T>(load(logits + i * Cp + c0) - norm[i]);
+          if (buf.routing) store(buf.routing + ((t * g.blocks() + block) * I + i) * Cp + c0, r);
+          weights[i] = r * a_in[i];
+          data += weights[i];
         }
-        T scale[kLanes];
-#pragma omp simd
-        for (int64_t j = 0; j < kLanes; ++j) scale[j] = T(1) / (data[j] + g.epsilon);
-        // Mean mu = sum_i w V.
-        T mean[kEntries][kLanes] = {};
+        const Vec<T> scale = T(1) / (data + g.epsilon);
+        // Mean mu = sum_i w V with w = r' / (R + eps).
+        Vec<T> mean[kEntries] = {};
         for (int64_t i = 0; i < I; ++i) {
-          T* w = weights.data() + i * kLanes;
-#pragma omp simd
-          for (int64_t j = 0; j < kLanes; ++j) w[j] *= scale[j];
-          const T* v = votes.data() + i * kChunk;
-          for (int64_t h = 0; h < kEntries; ++h) {
-#pragma omp simd
-            for (int64_t j = 0; j < kLanes; ++j) mean[h][j] += w[j] * v[h * kLanes + j];
-          }
+          weights[i] *= scale;
+          const Vec<T>* v = votes.data() + i * kEntries;
+          for (int64_t h = 0; h < kEntries; ++h) mean[h] += weights[i] * v[h];
         }
         // Variance sigma^2 = sum_i w (V - mu)^2 + floor, and the residual sum_i w (V - mu): zero
         // but for rounding (and eps), it enters the gradient of the mean through the variance.
-        // Using the rounded value, not its exact value mu (1 - W), keeps the gradient consistent
+        // Using its rounded value, not its exact value mu (1 - W), keeps the gradient consistent
         // with the rounding of V - mu: with a variance near its floor, d sigma^2 is multiplied by
         // about 1/sigma^2, so a rounding error of mu would otherwise be amplified.
-        T variance[kEntries][kLanes] = {}, residual[kEntries][kLanes] = {};
+        Vec<T> variance[kEntries] = {}, residual[kEntries] = {};
         for (int64_t i = 0; i < I; ++i) {
-          const T* w = weights.data() + i * kLanes;
-          const T* v = votes.data() + i * kChunk;
+          const Vec<T>* v = votes.data() + i * kEntries;
           for (int64_t h = 0; h < kEntries; ++h) {
-#pragma omp simd
-            for (int64_t j = 0; j < kLanes; ++j) {
-              const T d = v[h * kLanes + j] - mean[h][j];
-              residual[h][j] += w[j] * d;
-              variance[h][j] += w[j] * d * d;
-            }
+            const Vec<T> d = v[h] - mean[h];
+            const Vec<T> wd = weights[i] * d;
+            residual[h] += wd;
+            variance[h] += wd * d;
           }
         }
-        T log_variance[kLanes] = {};
+        Vec<T> log_variance{};
         for (int64_t h = 0; h < kEntries; ++h) {
-#pragma omp simd
-          for (int64_t j = 0; j < kLanes; ++j) {
-            variance[h][j] += g.variance_floor;
-            log_variance[j] += fast_log(variance[h][j]);
-          }
+          variance[h] += g.variance_floor;
+          log_variance += vlog<T>(variance[h]);
         }
         // Cost and activation a = sigmoid(lambda (beta_a - f R sum_h (beta_v + ln(sigma^2)/2))).
-        T activation[kLanes];
-#pragma omp simd
-        for (int64_t j = 0; j < kLanes; ++j) {
-          const T cost = g.cost_factor * data[j] * (T(kEntries) * g.beta_v[c0 + j] + T(0.5) * log_variance[j]);
-          activation[j] = T(1) / (T(1) + fast_exp(-lambda * (g.beta_a[c0 + j] - cost)));
-        }
-        T* mean_out = stats.mean_at(stat_slot, block, c0);
-        T* variance_out = stats.variance_at(stat_slot, block, c0);
-        T* residual_out = stats.residual_at(stat_slot, block, c0);
+        const Vec<T> cost = g.cost_factor * data * (T(kEntries) * load(g.beta_v + c0) + T(0.5) * log_variance);
+        const Vec<T> activation = T(1) / (T(1) + vexp<T>(-lambda * (load(g.beta_a + c0) - cost)));
         for (int64_t h = 0; h < kEntries; ++h) {
-#pragma omp simd
-          for (int64_t j = 0; j < kLanes; ++j) {
-            mean_out[h * Cp + j] = mean[h][j];
-            variance_out[h * Cp + j] = variance[h][j];
-            residual_out[h * Cp + j] = residual[h][j];
-          }
+          const int64_t at = stats.per_entry(stat_slot, block, c0) + h * Cp;
+          store(stats.mean + at, mean[h]);
+          store(stats.variance + at, variance[h]);
+          store(stats.residual + at, residual[h]);
         }
-        T* activation_out = stats.activation_at(stat_slot, block, c0);
-        T* data_out = stats.data_at(stat_slot, block, c0);
-        T* log_variance_out = stats.log_variance_at(stat_slot, block, c0);
-#pragma omp simd
-        for (int64_t j = 0; j < kLanes; ++j) {
-          activation_out[j] = activation[j];
-          data_out[j] = data[j];
-          log_variance_out[j] = log_variance[j];
-        }
+        const int64_t at = stats.per_parent(stat_slot, block, c0);
+        store(stats.activation + at, activation);
+        store(stats.data + at, data);
+        store(stats.log_variance + at, log_variance);
         if (last) continue;
-        // E-step logits z = ln(a + eps) - sum_h (V - mu)^2 / (2 sigma^2) - (16 ln 2pi + sum_h ln sigma^2) / 2.
-        T inverse[kEntries][kLanes], base[kLanes];
-        for (int64_t h = 0; h < kEntries; ++h) {
-#pragma omp simd
-          for (int64_t j = 0; j < kLanes; ++j) inverse[h][j] = T(0.5) / variance[h][j];
-        }
-#pragma omp simd
-        for (int64_t j = 0; j < kLanes; ++j) {
-          base[j] = c0 + j < g.types
-                        ? fast_log(activation[j] + g.epsilon) - T(0.5) * (T(kEntries * kLog2Pi) + log_variance[j])
-                        : neg_inf;
-        }
+        // E-step logits z = ln(a + eps) - sum_h (V - mu)^2 / (2 sigma^2) - (16 ln 2pi + sum_h ln sigma^2) / 2
+        // (-inf for the padding types), and their log-sum-exp over this chunk's types per slot.
+        Vec<T> half_inverse[kEntries];
+        for (int64_t h = 0; h < kEntries; ++h) half_inverse[h] = T(0.5) / variance[h];
+        const Vec<T> base = select<T>(
+            real, vlog<T>(activation + g.epsilon) - T(0.5) * (T(kEntries * kLog2Pi) + log_variance), splat(neg_inf));
         for (int64_t i = 0; i < I; ++i) {
-          const T* v = votes.data() + i * kChunk;
-          T distance[kLanes] = {};
+          const Vec<T>* v = votes.data() + i * kEntries;
+          Vec<T> distance{};
           for (int64_t h = 0; h < kEntries; ++h) {
-#pragma omp simd
-            for (int64_t j = 0; j < kLanes; ++j) {
-              const T d = v[h * kLanes + j] - mean[h][j];
-              distance[j] += d * d * inverse[h][j];
-            }
+            const Vec<T> d = v[h] - mean[h];
+            distance += d * d * half_inverse[h];
           }
-          T* z = logits + i * Cp + c0;
-#pragma omp simd
-          for (int64_t j = 0; j < kLanes; ++j) z[j] = base[j] - distance[j];
+          const Vec<T> z = base - distance;
+          store(logits + i * Cp + c0, z);
+          // Running log-sum-exp over the chunks of parent types.
+          const T chunk_top = max_lanes<T>(z);
+          if (chunk_top > top[i]) {
+            total[i] *= std::exp(top[i] - chunk_top);
+            top[i] = chunk_top;
+          }
+          total[i] += sum_lanes<T>(vexp<T>(z - top[i]));
         }
       }
       if (last) continue;
-      // Log-sum-exp over the parent types of each slot of the window.
       T* lse = buf.window_lse + block * I;
-      for (int64_t i = 0; i < I; ++i) {
-        const T* z = logits + i * Cp;
-        T top = neg_inf;
-#pragma omp simd reduction(max : top)
-        for (int64_t c = 0; c < g.types; ++c) top = std::max(top, z[c]);
-        T total = 0;
-#pragma omp simd reduction(+ : total)
-        for (int64_t c = 0; c < g.types; ++c) total += fast_exp(z[c] - top);
-        lse[i] = top + fast_log(total);
-      }
+      for (int64_t i = 0; i < I; ++i) lse[i] = top[i] + std::log(total[i]);
     }
   });
 }
@@ -414,31 +393,22 @@ void reduce_child_lse(const Layer<T>& g, const T* window_lse, T* child_norm) {
         for (int64_t s = 0; s < S; ++s) {
           const int64_t p = g.slot_child[l * S + s];
           if (p >= P) continue;
-          const T* src = lse + l * I + s * B;
-          T* dst = top.data() + p * B;
-#pragma omp simd
-          for (int64_t b = 0; b < B; ++b) dst[b] = std::max(dst[b], src[b]);
+          for (int64_t b = 0; b < B; ++b) top[p * B + b] = std::max(top[p * B + b], lse[l * I + s * B + b]);
         }
       }
       for (int64_t l = 0; l < L; ++l) {
         for (int64_t s = 0; s < S; ++s) {
           const int64_t p = g.slot_child[l * S + s];
           if (p >= P) continue;
-          const T* src = lse + l * I + s * B;
-          const T* m = top.data() + p * B;
-          T* dst = total.data() + p * B;
-#pragma omp simd
-          for (int64_t b = 0; b < B; ++b) dst[b] += fast_exp(src[b] - m[b]);
+          for (int64_t b = 0; b < B; ++b) total[p * B + b] += std::exp(lse[l * I + s * B + b] - top[p * B + b]);
         }
       }
-#pragma omp simd
-      for (int64_t k = 0; k < P * B; ++k) top[k] += fast_log(total[k]);
+      for (int64_t k = 0; k < P * B; ++k) top[k] += std::log(total[k]);
       T* norm = child_norm + n * L * I;
       for (int64_t l = 0; l < L; ++l) {
         for (int64_t s = 0; s < S; ++s) {
           const int64_t p = g.slot_child[l * S + s];
-          T* dst = norm + l * I + s * B;
-          for (int64_t b = 0; b < B; ++b) dst[b] = p >= P ? inf : top[p * B + b];
+          for (int64_t b = 0; b < B; ++b) norm[l * I + s * B + b] = p >= P ? inf : top[p * B + b];
         }
       }
     }
@@ -477,7 +447,7 @@ void reduce_child_sum(const Layer<T>& g, const T* per_slot, T* per_child) {
 
 template <typename T>
 struct BackwardBuffers {
-  const T* routing = nullptr;     // (T, N*L, I, Cp) saved routing weights
+  const T* routing = nullptr;              // (T, N*L, I, Cp) saved routing weights
   const T* grad_mean_out = nullptr;        // (N*L, 16, Cp)
   const T* grad_activation_out = nullptr;  // (N*L, Cp)
   T* grad_logits = nullptr;       // (T-1, N*L, I, Cp) gradient of every E-step's logits
@@ -494,88 +464,66 @@ struct BackwardBuffers {
 };
 
 // The votes' gradient of one block and chunk, summed over every iteration's M-step and
-// E-step, pushed back to the poses and transforms (the last backward pass).
+// E-step, pushed back to the poses and transforms (in the last backward pass).
+//   grad V = sum_t w_t (g_mu_total,t + 2 g_sigma^2_t (V - mu_t)) - sum_t g_z,t (V - mu_t) / sigma^2_t,
+// with the deviations V - mu_t formed first (no cancellation when V is close to mu).
 template <typename T>
 void votes_gradient(const Layer<T>& g, const Stats<T>& stats, const BackwardBuffers<T>& buf, int64_t block,
-                    int64_t chunk, const T* votes, T* grad_transforms, std::vector<T>& rows) {
+                    int64_t chunk, const Vec<T>* votes, T* grad_transforms, std::vector<Vec<T>>& rows) {
   const int64_t I = g.children, Cp = g.padded_types, c0 = chunk * kLanes, iterations = g.iterations;
   const int64_t e_steps = iterations - 1;
-  // rows, per iteration: mu, g_mu_total, 2 g_sigma^2, 1/sigma^2 (0 without E-step), then
+  // rows, per iteration: mu, g_mu_total, 2 g_sigma^2, 1/sigma^2 (0 without E-step); then
   // 1 / (R + eps) per iteration.
   constexpr int64_t kRows = 4;
-  T* inverse_data = rows.data() + iterations * kRows * kChunk;
+  Vec<T>* inverse_data = rows.data() + iterations * kRows * kEntries;
   for (int64_t t = 0; t < iterations; ++t) {
-    T* row = rows.data() + t * kRows * kChunk;
-    const T* mean = stats.mean_at(t, block, c0);
-    const T* variance = stats.variance_at(t, block, c0);
-    const T* plain = buf.rows_plain + ((t * g.blocks() + block) * kEntries) * Cp + c0;
-    const T* times = buf.rows_times_votes + ((t * g.blocks() + block) * kEntries) * Cp + c0;
+    Vec<T>* row = rows.data() + t * kRows * kEntries;
     const bool e_step = t < e_steps;
     for (int64_t h = 0; h < kEntries; ++h) {
-#pragma omp simd
-      for (int64_t j = 0; j < kLanes; ++j) {
-        row[h * kLanes + j] = mean[h * Cp + j];
-        row[kChunk + h * kLanes + j] = plain[h * Cp + j];
-        row[2 * kChunk + h * kLanes + j] = times[h * Cp + j];
-        row[3 * kChunk + h * kLanes + j] = e_step ? T(1) / variance[h * Cp + j] : T(0);
-      }
+      const int64_t at = stats.per_entry(t, block, c0) + h * Cp;
+      row[h] = load(stats.mean + at);
+      row[kEntries + h] = load(buf.rows_plain + at);
+      row[2 * kEntries + h] = load(buf.rows_times_votes + at);
+      row[3 * kEntries + h] = e_step ? T(1) / load(stats.variance + at) : Vec<T>{};
     }
-    const T* data = stats.data_at(t, block, c0);
-#pragma omp simd
-    for (int64_t j = 0; j < kLanes; ++j) inverse_data[t * kLanes + j] = T(1) / (data[j] + g.epsilon);
+    inverse_data[t] = T(1) / (load(stats.data + stats.per_parent(t, block, c0)) + g.epsilon);
   }
   const T* poses = g.block_poses(block);
   const T* a_in = g.block_activations(block);
   T* grad_poses = buf.grad_poses + block * I * kEntries;
   for (int64_t i = 0; i < I; ++i) {
-    // grad V = sum_t w_t (g_mu_total + 2 g_sigma^2 (V - mu_t)) - sum_t g_z,t (V - mu_t) / sigma^2_t,
-    // with the deviations V - mu_t formed first (no cancellation when V is close to mu).
-    const T* v = votes + i * kChunk;
-    T grad_votes[kEntries][kLanes] = {};
+    const Vec<T>* v = votes + i * kEntries;
+    Vec<T> grad_votes[kEntries] = {};
     for (int64_t t = 0; t < iterations; ++t) {
-      const T* row = rows.data() + t * kRows * kChunk;
-      const T* r = buf.routing + ((t * g.blocks() + block) * I + i) * Cp + c0;
-      const T* gz_in = t < e_steps ? buf.grad_logits + ((t * g.blocks() + block) * I + i) * Cp + c0 : nullptr;
-      T w[kLanes], gz[kLanes];
-#pragma omp simd
-      for (int64_t j = 0; j < kLanes; ++j) {
-        w[j] = r[j] * a_in[i] * inverse_data[t * kLanes + j];
-        gz[j] = gz_in ? gz_in[j] : T(0);
-      }
+      const Vec<T>* row = rows.data() + t * kRows * kEntries;
+      const int64_t at = ((t * g.blocks() + block) * I + i) * Cp + c0;
+      const Vec<T> w = load(buf.routing + at) * a_in[i] * inverse_data[t];
+      const Vec<T> gz = t < e_steps ? load(buf.grad_logits + at) : Vec<T>{};
       for (int64_t h = 0; h < kEntries; ++h) {
-#pragma omp simd
-        for (int64_t j = 0; j < kLanes; ++j) {
-          const T d = v[h * kLanes + j] - row[h * kLanes + j];
-          const T slope = w[j] * row[2 * kChunk + h * kLanes + j] - gz[j] * row[3 * kChunk + h * kLanes + j];
-          grad_votes[h][j] += w[j] * row[kChunk + h * kLanes + j] + d * slope;
-        }
+        const Vec<T> d = v[h] - row[h];
+        const Vec<T> slope = w * row[2 * kEntries + h] - gz * row[3 * kEntries + h];
+        grad_votes[h] += w * row[kEntries + h] + d * slope;
       }
     }
+    // V[x,z] = offset + sum_y M[x,y] W[y,z]: grad W[y,z] += sum_x M[x,y] grad V[x,z],
+    // grad M[x,y] = sum over types and z of grad V[x,z] W[y,z].
     const T* m = poses + i * kEntries;
     const T* w = g.transforms + (i * g.chunks + chunk) * kChunk;
     T* gw = grad_transforms + (i * g.chunks + chunk) * kChunk;
     for (int64_t y = 0; y < kSide; ++y) {
       for (int64_t z = 0; z < kSide; ++z) {
-        T* out = gw + (y * kSide + z) * kLanes;
-        for (int64_t x = 0; x < kSide; ++x) {
-          const T a = m[x * kSide + y];
-#pragma omp simd
-          for (int64_t j = 0; j < kLanes; ++j) out[j] += a * grad_votes[x * kSide + z][j];
-        }
+        Vec<T> acc = load(gw + (y * kSide + z) * kLanes);
+        for (int64_t x = 0; x < kSide; ++x) acc += m[x * kSide + y] * grad_votes[x * kSide + z];
+        store(gw + (y * kSide + z) * kLanes, acc);
       }
     }
+    Vec<T> rows_w[kEntries];
+    for (int64_t k = 0; k < kEntries; ++k) rows_w[k] = load(w + k * kLanes);
     for (int64_t x = 0; x < kSide; ++x) {
       for (int64_t y = 0; y < kSide; ++y) {
-        T acc[kLanes] = {};
-        for (int64_t z = 0; z < kSide; ++z) {
-          const T* wr = w + (y * kSide + z) * kLanes;
-#pragma omp simd
-          for (int64_t j = 0; j < kLanes; ++j) acc[j] += grad_votes[x * kSide + z][j] * wr[j];
-        }
-        T total = 0;
-#pragma omp simd reduction(+ : total)
-        for (int64_t j = 0; j < kLanes; ++j) total += acc[j];
-        grad_poses[i * kEntries + x * kSide + y] += total;
+        Vec<T> acc{};
+        for (int64_t z = 0; z < kSide; ++z) acc += grad_votes[x * kSide + z] * rows_w[y * kSide + z];
+        grad_poses[i * kEntries + x * kSide + y] += sum_lanes<T>(acc);
       }
     }
   }
@@ -589,8 +537,8 @@ void backward_pass(const Layer<T>& g, int64_t t, const Stats<T>& stats, const Ba
   const T lambda = g.inverse_temperature[t];
   const int64_t I = g.children, Cp = g.padded_types;
   for_block_ranges(g.blocks(), ranges, [&](int64_t range, int64_t first, int64_t end) {
-    std::vector<T> votes(I * kChunk), grad_weights(I * kLanes);
-    std::vector<T> rows(g.iterations * (4 * kChunk + kLanes));
+    std::vector<Vec<T>> votes(I * kEntries), grad_weights(I);
+    std::vector<Vec<T>> rows(g.iterations * (4 * kEntries + 1));
     T* grad_beta_v = buf.grad_beta_v + range * Cp;
     T* grad_beta_a = buf.grad_beta_a + range * Cp;
     T* grad_transforms = buf.grad_transforms + range * I * g.chunks * kChunk;
@@ -602,140 +550,90 @@ void backward_pass(const Layer<T>& g, int64_t t, const Stats<T>& stats, const Ba
       for (int64_t chunk = 0; chunk < g.chunks; ++chunk) {
         const int64_t c0 = chunk * kLanes;
         block_votes(g, block, chunk, votes.data());
-        const T* mean_row = stats.mean_at(t, block, c0);
-        const T* variance_row = stats.variance_at(t, block, c0);
-        T mean[kEntries][kLanes], inverse[kEntries][kLanes];
-        T grad_mean[kEntries][kLanes] = {}, grad_variance[kEntries][kLanes] = {}, grad_activation[kLanes] = {};
+        Vec<T> mean[kEntries], inverse[kEntries];
+        Vec<T> grad_mean[kEntries] = {}, grad_variance[kEntries] = {}, grad_activation{};
         for (int64_t h = 0; h < kEntries; ++h) {
-#pragma omp simd
-          for (int64_t j = 0; j < kLanes; ++j) {
-            mean[h][j] = mean_row[h * Cp + j];
-            inverse[h][j] = T(1) / variance_row[h * Cp + j];
-          }
+          const int64_t at = stats.per_entry(t, block, c0) + h * Cp;
+          mean[h] = load(stats.mean + at);
+          inverse[h] = T(1) / load(stats.variance + at);
         }
-        const T* activation = stats.activation_at(t, block, c0);
-        const T* data = stats.data_at(t, block, c0);
-        const T* log_variance = stats.log_variance_at(t, block, c0);
+        const int64_t parent = stats.per_parent(t, block, c0);
+        const Vec<T> activation = load(stats.activation + parent);
+        const Vec<T> data = load(stats.data + parent);
+        const Vec<T> log_variance = load(stats.log_variance + parent);
         if (last) {
-          const T* gm = buf.grad_mean_out + block * kEntries * Cp + c0;
-          const T* ga = buf.grad_activation_out + block * Cp + c0;
-          for (int64_t h = 0; h < kEntries; ++h) {
-#pragma omp simd
-            for (int64_t j = 0; j < kLanes; ++j) grad_mean[h][j] = gm[h * Cp + j];
-          }
-#pragma omp simd
-          for (int64_t j = 0; j < kLanes; ++j) grad_activation[j] = ga[j];
+          for (int64_t h = 0; h < kEntries; ++h) grad_mean[h] = load(buf.grad_mean_out + (block * kEntries + h) * Cp + c0);
+          grad_activation = load(buf.grad_activation_out + block * Cp + c0);
         } else {
-          // E-step: g_z = r' (g_r' - sum over the child's parents of r' g_r'), r' the next routing.
-          T grad_total[kLanes] = {}, sum_deviations[kEntries][kLanes] = {}, sum_squares[kEntries][kLanes] = {};
+          // E-step: g_z = r' (g_r' - sum over the child's parents of r' g_r'), r' the next routing;
+          // z = ln(a + eps) - sum_h (V - mu)^2 / (2 sigma^2) - sum_h ln(2 pi sigma^2) / 2.
+          Vec<T> grad_total{}, sum_deviations[kEntries] = {}, sum_squares[kEntries] = {};
           const T* child_sum = buf.child_sum + block * I;
           for (int64_t i = 0; i < I; ++i) {
-            const T* r_next = buf.routing + (((t + 1) * g.blocks() + block) * I + i) * Cp + c0;
-            const T* grad_next = buf.grad_routing + (block * I + i) * Cp + c0;
-            T* gz_out = buf.grad_logits + ((t * g.blocks() + block) * I + i) * Cp + c0;
-            T gz[kLanes];
-#pragma omp simd
-            for (int64_t j = 0; j < kLanes; ++j) {
-              gz[j] = r_next[j] * (grad_next[j] - child_sum[i]);
-              gz_out[j] = gz[j];
-              grad_total[j] += gz[j];
-            }
-            const T* v = votes.data() + i * kChunk;
+            const Vec<T> r_next = load(buf.routing + (((t + 1) * g.blocks() + block) * I + i) * Cp + c0);
+            const Vec<T> grad_next = load(buf.grad_routing + (block * I + i) * Cp + c0);
+            const Vec<T> gz = r_next * (grad_next - child_sum[i]);
+            store(buf.grad_logits + ((t * g.blocks() + block) * I + i) * Cp + c0, gz);
+            grad_total += gz;
+            const Vec<T>* v = votes.data() + i * kEntries;
             for (int64_t h = 0; h < kEntries; ++h) {
-#pragma omp simd
-              for (int64_t j = 0; j < kLanes; ++j) {
-                const T d = v[h * kLanes + j] - mean[h][j];
-                sum_deviations[h][j] += gz[j] * d;
-                sum_squares[h][j] += gz[j] * d * d;
-              }
+              const Vec<T> gzd = gz * (v[h] - mean[h]);
+              sum_deviations[h] += gzd;
+              sum_squares[h] += gzd * (v[h] - mean[h]);
             }
           }
-#pragma omp simd
-          for (int64_t j = 0; j < kLanes; ++j) grad_activation[j] = grad_total[j] / (activation[j] + g.epsilon);
+          grad_activation = grad_total / (activation + g.epsilon);
           for (int64_t h = 0; h < kEntries; ++h) {
-#pragma omp simd
-            for (int64_t j = 0; j < kLanes; ++j) {
-              grad_mean[h][j] = sum_deviations[h][j] * inverse[h][j];
-              grad_variance[h][j] =
-                  (T(0.5) * sum_squares[h][j] * inverse[h][j] - T(0.5) * grad_total[j]) * inverse[h][j];
-            }
+            grad_mean[h] = sum_deviations[h] * inverse[h];
+            grad_variance[h] = (T(0.5) * sum_squares[h] * inverse[h] - T(0.5) * grad_total) * inverse[h];
           }
         }
-        // M-step.
-        T grad_data[kLanes], inverse_data[kLanes], complement[kLanes], grad_cost_scaled[kLanes];
-#pragma omp simd
-        for (int64_t j = 0; j < kLanes; ++j) {
-          const T a = activation[j];
-          const T grad_pre = grad_activation[j] * a * (T(1) - a) * lambda;
-          grad_beta_a[c0 + j] += grad_pre;
-          const T grad_cost = -grad_pre * g.cost_factor;
-          grad_data[j] = grad_cost * (T(kEntries) * g.beta_v[c0 + j] + T(0.5) * log_variance[j]);
-          grad_beta_v[c0 + j] += grad_cost * data[j] * T(kEntries);
-          grad_cost_scaled[j] = T(0.5) * grad_cost * data[j];
-          inverse_data[j] = T(1) / (data[j] + g.epsilon);
-          complement[j] = g.epsilon * inverse_data[j];  // 1 - W, W = R / (R + eps)
-        }
-        T grad_mean_total[kEntries][kLanes];
-        const T* residual = stats.residual_at(t, block, c0);
-        T* rows_times = buf.rows_times_votes + ((t * g.blocks() + block) * kEntries) * Cp + c0;
-        T* rows_plain = buf.rows_plain + ((t * g.blocks() + block) * kEntries) * Cp + c0;
+        // M-step: a = sigmoid(lambda (beta_a - cost)), cost = f R sum_h (beta_v + ln(sigma^2)/2).
+        const Vec<T> grad_pre = grad_activation * activation * (T(1) - activation) * lambda;
+        const Vec<T> grad_cost = -grad_pre * g.cost_factor;
+        const Vec<T> grad_data = grad_cost * (T(kEntries) * load(g.beta_v + c0) + T(0.5) * log_variance);
+        store(grad_beta_a + c0, load(grad_beta_a + c0) + grad_pre);
+        store(grad_beta_v + c0, load(grad_beta_v + c0) + grad_cost * data * T(kEntries));
+        const Vec<T> grad_cost_half = T(0.5) * grad_cost * data;
+        const Vec<T> inverse_data = T(1) / (data + g.epsilon);
+        const Vec<T> complement = g.epsilon * inverse_data;  // 1 - W, W = R / (R + eps)
+        // g_mu_total = g_mu - 2 g_sigma^2 sum_i w (V - mu) (the residual, as rounded in the forward pass).
+        Vec<T> grad_mean_total[kEntries], shift{};
         for (int64_t h = 0; h < kEntries; ++h) {
-#pragma omp simd
-          for (int64_t j = 0; j < kLanes; ++j) {
-            grad_variance[h][j] += grad_cost_scaled[j] * inverse[h][j];
-            grad_mean_total[h][j] = grad_mean[h][j] - T(2) * grad_variance[h][j] * residual[h * Cp + j];
-            rows_times[h * Cp + j] = T(2) * grad_variance[h][j];
-            rows_plain[h * Cp + j] = grad_mean_total[h][j];
-          }
+          const int64_t at = stats.per_entry(t, block, c0) + h * Cp;
+          grad_variance[h] += grad_cost_half * inverse[h];
+          grad_mean_total[h] = grad_mean[h] - T(2) * grad_variance[h] * load(stats.residual + at);
+          store(buf.rows_times_votes + at, T(2) * grad_variance[h]);
+          store(buf.rows_plain + at, grad_mean_total[h]);
+          shift += grad_mean_total[h] * mean[h];
         }
-        // g_w_i = sum_h (g_mu_total V + g_sigma2 (V - mu)^2), computed centred as
-        // g_w_i - c with c = sum_h g_mu_total mu (no cancellation when V is close to mu);
-        // g_r'_i = (g_w_i - sum_k w_k g_w_k) / (R + eps) = (g_w_i - c - S' + c (1 - W)) / (R + eps)
-        // with S' = sum_k w_k (g_w_k - c).
-        T weighted_total[kLanes] = {}, shift[kLanes] = {};
-        for (int64_t h = 0; h < kEntries; ++h) {
-#pragma omp simd
-          for (int64_t j = 0; j < kLanes; ++j) shift[j] += grad_mean_total[h][j] * mean[h][j];
-        }
+        // g_w_i = sum_h (g_mu_total V + g_sigma^2 (V - mu)^2), computed centred as g_w_i - c with
+        // c = sum_h g_mu_total mu (no cancellation when V is close to mu):
+        // g_r'_i = (g_w_i - sum_k w_k g_w_k) / (R + eps) + g_R = (g_w_i - c - S' + c (1 - W)) / (R + eps) + g_R,
+        // S' = sum_k w_k (g_w_k - c).
+        Vec<T> weighted_total{};
         for (int64_t i = 0; i < I; ++i) {
-          const T* v = votes.data() + i * kChunk;
-          const T* r = buf.routing + ((t * g.blocks() + block) * I + i) * Cp + c0;
-          T gw[kLanes] = {};
+          const Vec<T>* v = votes.data() + i * kEntries;
+          const Vec<T> r = load(buf.routing + ((t * g.blocks() + block) * I + i) * Cp + c0);
+          Vec<T> gw{};
           for (int64_t h = 0; h < kEntries; ++h) {
-#pragma omp simd
-            for (int64_t j = 0; j < kLanes; ++j) {
-              const T d = v[h * kLanes + j] - mean[h][j];
-              gw[j] += (grad_mean_total[h][j] + grad_variance[h][j] * d) * d;
-            }
+            const Vec<T> d = v[h] - mean[h];
+            gw += (grad_mean_total[h] + grad_variance[h] * d) * d;
           }
-          T* out = grad_weights.data() + i * kLanes;
-#pragma omp simd
-          for (int64_t j = 0; j < kLanes; ++j) {
-            out[j] = gw[j];
-            weighted_total[j] += gw[j] * r[j] * a_in[i] * inverse_data[j];
-          }
+          grad_weights[i] = gw;
+          weighted_total += gw * r * a_in[i] * inverse_data;
         }
-        // g_r' = (g_w - S) / (R + eps) + g_R; g_a_in += sum_c g_r' r; g_r = g_r' a_in.
+        // g_a_in += sum over types of g_r' r;  g_r = g_r' a_in.
+        const Vec<T> offset = shift * complement - weighted_total;
         for (int64_t i = 0; i < I; ++i) {
-          const T* r = buf.routing + ((t * g.blocks() + block) * I + i) * Cp + c0;
-          const T* gw = grad_weights.data() + i * kLanes;
-          T grad_weighted[kLanes];
-          T to_activation = 0;
-#pragma omp simd reduction(+ : to_activation)
-          for (int64_t j = 0; j < kLanes; ++j) {
-            grad_weighted[j] = (gw[j] - weighted_total[j] + shift[j] * complement[j]) * inverse_data[j] + grad_data[j];
-            to_activation += grad_weighted[j] * r[j];
-          }
-          grad_a_in[i] += to_activation;
+          const int64_t at = ((t * g.blocks() + block) * I + i) * Cp + c0;
+          const Vec<T> r = load(buf.routing + at);
+          const Vec<T> grad_weighted = (grad_weights[i] + offset) * inverse_data + grad_data;
+          grad_a_in[i] += sum_lanes<T>(grad_weighted * r);
           if (t > 0) {
-            T* grad_routing = buf.grad_routing + (block * I + i) * Cp + c0;
-            T to_child = 0;
-#pragma omp simd reduction(+ : to_child)
-            for (int64_t j = 0; j < kLanes; ++j) {
-              grad_routing[j] = grad_weighted[j] * a_in[i];
-              to_child += r[j] * grad_routing[j];
-            }
-            slot_sum[i] += to_child;
+            const Vec<T> grad_routing = grad_weighted * a_in[i];
+            store(buf.grad_routing + (block * I + i) * Cp + c0, grad_routing);
+            slot_sum[i] += sum_lanes<T>(r * grad_routing);
           }
         }
         if (t == 0) votes_gradient(g, stats, buf, block, chunk, votes.data(), grad_transforms, rows);
@@ -745,6 +643,7 @@ void backward_pass(const Layer<T>& g, int64_t t, const Stats<T>& stats, const Ba
 }
 
 // ------------------------------------------------------------------ Python entry points
+
 
 template <typename T>
 Layer<T> make_layer(const torch::Tensor& windows, const torch::Tensor& transforms, const c10::optional<torch::Tensor>& offsets,
