@@ -41,6 +41,7 @@ from matcaps.routing.config import EMRoutingConfig
 from matcaps.routing.cpu_kernel import load_kernel
 from matcaps.routing.fused import route_capsules_fused
 from matcaps.routing.geometry import RoutingGeometry
+from matcaps.routing.naive import RoutingTrace
 
 #: Parent types per vector chunk of the kernel (``kLanes`` in ``routing_cpu.cpp``).
 LANES = 16
@@ -105,6 +106,54 @@ def route_capsules_blocked(
         mean, activation = kernel.forward(*inputs, *layout.arguments(), False)
     # (N, L, 16, Cp) and (N, L, Cp) → (N, L, C, 16) and (N, L, C)
     return mean.transpose(2, 3)[:, :, :types].contiguous(), activation[:, :, :types].contiguous()
+
+
+@torch.no_grad()
+def trace_blocked_routing(
+    windows: Tensor,
+    transforms: Tensor,
+    child_activations: Tensor,
+    beta_v: Tensor,
+    beta_a: Tensor,
+    geometry: RoutingGeometry,
+    config: EMRoutingConfig,
+    vote_offsets: Tensor | None = None,
+) -> list[RoutingTrace]:
+    """Every iteration's state as the compiled kernel computed it (what it keeps for backward).
+
+    Same arguments as :func:`route_capsules_blocked`; the counterpart of
+    :func:`matcaps.routing.trace_em_routing` (same layout), to check the kernel's routing
+    weights and statistics.  No gradient.
+
+    Raises:
+        RuntimeError: if the kernel is not available or does not apply to these inputs.
+    """
+    kernel = load_kernel() if kernel_applies(windows) else None
+    if kernel is None:
+        raise RuntimeError("the blocked routing's kernel is not available for these inputs")
+    n, num_windows, children = windows.shape[:3]
+    types = transforms.shape[1]
+    layout = _KernelLayout.of(geometry, config, children, types, windows.dtype, kernel)
+    padding = layout.padded_types - types
+    _, _, routing, means, variances, activations, *_ = kernel.forward(
+        windows.reshape(n, num_windows, children, POSE_SIZE * POSE_SIZE).contiguous(),
+        pack_transforms(transforms),
+        None if vote_offsets is None else vote_offsets.contiguous(),
+        child_activations.contiguous(),
+        F.pad(beta_v, (0, padding)),
+        F.pad(beta_a, (0, padding)),
+        *layout.arguments(),
+        True,
+    )
+    return [
+        RoutingTrace(
+            routing=routing[t].transpose(2, 3)[:, :, :types],
+            mean=means[t].transpose(2, 3)[:, :, :types],
+            variance=variances[t].transpose(2, 3)[:, :, :types],
+            activations=activations[t][:, :, :types],
+        )
+        for t in range(config.iterations)
+    ]
 
 
 def pack_transforms(transforms: Tensor) -> Tensor:

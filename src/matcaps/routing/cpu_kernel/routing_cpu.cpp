@@ -29,6 +29,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
 namespace matcaps_blocked {
 
 constexpr int64_t kSide = 4;      // poses are 4x4 matrices
@@ -73,17 +77,50 @@ template <typename T>
 inline void store(T* p, const Vec<T>& v) {
   __builtin_memcpy(p, &v, sizeof v);
 }
+// Horizontal sum and maximum: a tree of shuffles (4 steps instead of 15 dependent adds).
 template <typename T>
 inline T sum_lanes(const Vec<T>& v) {
-  T total = 0;
-  for (int64_t j = 0; j < kLanes; ++j) total += v[j];
-  return total;
+  const Vec<T> s8 = v + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  const Vec<T> s4 = s8 + __builtin_shufflevector(s8, s8, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  const Vec<T> s2 = s4 + __builtin_shufflevector(s4, s4, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  return s2[0] + s2[1];
 }
 template <typename T>
 inline T max_lanes(const Vec<T>& v) {
-  T top = v[0];
-  for (int64_t j = 1; j < kLanes; ++j) top = v[j] > top ? v[j] : top;
-  return top;
+  const Vec<T> o8 = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  const Vec<T> m8 = v > o8 ? v : o8;
+  const Vec<T> o4 = __builtin_shufflevector(m8, m8, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  const Vec<T> m4 = m8 > o4 ? m8 : o4;
+  const Vec<T> o2 = __builtin_shufflevector(m4, m4, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  const Vec<T> m2 = m4 > o2 ? m4 : o2;
+  return m2[0] > m2[1] ? m2[0] : m2[1];
+}
+// The sums of 16 vectors at once (a transposing tree of 15 folds): result[k] = sum of the lanes of in[k].
+// Each fold adds the lower and upper halves of two vectors' lane groups; the inputs are
+// visited in the order that leaves the sums in natural order.
+template <typename T>
+inline Vec<T> sum_lanes_of_16(const Vec<T>* in) {
+  static_assert(kLanes == 16, "the transposing tree is written for 16 lanes");
+  Vec<T> a[16];
+  for (int64_t k = 0; k < 16; ++k) {
+    const int64_t q = (k & 3) == 1 ? 2 : ((k & 3) == 2 ? 1 : (k & 3));
+    a[k] = in[4 * q + 2 * ((k >> 2) & 1) + (k >> 3)];
+  }
+  Vec<T> c[8], d[4], e[2];
+  for (int k = 0; k < 8; ++k) {
+    c[k] = __builtin_shufflevector(a[2 * k], a[2 * k + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a[2 * k], a[2 * k + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
+  for (int k = 0; k < 4; ++k) {
+    d[k] = __builtin_shufflevector(c[2 * k], c[2 * k + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           __builtin_shufflevector(c[2 * k], c[2 * k + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  }
+  for (int k = 0; k < 2; ++k) {
+    e[k] = __builtin_shufflevector(d[2 * k], d[2 * k + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           __builtin_shufflevector(d[2 * k], d[2 * k + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  }
+  return __builtin_shufflevector(e[0], e[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+         __builtin_shufflevector(e[0], e[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
 }
 template <typename T>
 inline Vec<T> select(const IntVec<T>& mask, const Vec<T>& a, const Vec<T>& b) {
@@ -253,10 +290,27 @@ struct Stats {
   int64_t per_parent(int64_t t, int64_t b, int64_t c) const { return (t * blocks + b) * padded_types + c; }
 };
 
+// Subnormal numbers are flushed to zero while the kernel runs on a thread (x86: the MXCSR
+// FTZ and DAZ bits, restored afterwards).  Routing weights of far parents underflow
+// (exp of a very negative logit), and arithmetic on subnormals costs about a hundred cycles
+// per operation; flushing changes results by less than the smallest normal number
+// (1.2e-38 in float32).
+class FlushSubnormals {
+ public:
+#if defined(__SSE__)
+  FlushSubnormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040u); }
+  ~FlushSubnormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned int saved_;
+#endif
+};
+
 // Runs f(range_index, first_block, end_block) over `ranges` contiguous ranges of blocks.
 template <typename F>
 void for_block_ranges(int64_t blocks, int64_t ranges, const F& f) {
   at::parallel_for(0, ranges, 1, [&](int64_t begin, int64_t end) {
+    FlushSubnormals flush;
     for (int64_t r = begin; r < end; ++r) f(r, blocks * r / ranges, blocks * (r + 1) / ranges);
   });
 }
@@ -384,6 +438,7 @@ void reduce_child_lse(const Layer<T>& g, const T* window_lse, T* child_norm) {
   const int64_t P = g.child_positions, B = g.child_types, L = g.positions, S = g.slots, I = g.children;
   const T inf = std::numeric_limits<T>::infinity();
   at::parallel_for(0, g.n, 1, [&](int64_t begin, int64_t end) {
+    FlushSubnormals flush;
     std::vector<T> top(P * B), total(P * B);
     for (int64_t n = begin; n < end; ++n) {
       std::fill(top.begin(), top.end(), -inf);
@@ -421,6 +476,7 @@ template <typename T>
 void reduce_child_sum(const Layer<T>& g, const T* per_slot, T* per_child) {
   const int64_t P = g.child_positions, B = g.child_types, L = g.positions, S = g.slots, I = g.children;
   at::parallel_for(0, g.n, 1, [&](int64_t begin, int64_t end) {
+    FlushSubnormals flush;
     std::vector<T> total(P * B);
     for (int64_t n = begin; n < end; ++n) {
       std::fill(total.begin(), total.end(), T(0));
@@ -517,15 +573,16 @@ void votes_gradient(const Layer<T>& g, const Stats<T>& stats, const BackwardBuff
         store(gw + (y * kSide + z) * kLanes, acc);
       }
     }
-    Vec<T> rows_w[kEntries];
+    Vec<T> rows_w[kEntries], acc[kEntries];
     for (int64_t k = 0; k < kEntries; ++k) rows_w[k] = load(w + k * kLanes);
     for (int64_t x = 0; x < kSide; ++x) {
       for (int64_t y = 0; y < kSide; ++y) {
-        Vec<T> acc{};
-        for (int64_t z = 0; z < kSide; ++z) acc += grad_votes[x * kSide + z] * rows_w[y * kSide + z];
-        grad_poses[i * kEntries + x * kSide + y] += sum_lanes<T>(acc);
+        acc[x * kSide + y] = Vec<T>{};
+        for (int64_t z = 0; z < kSide; ++z) acc[x * kSide + y] += grad_votes[x * kSide + z] * rows_w[y * kSide + z];
       }
     }
+    T* out = grad_poses + i * kEntries;
+    store(out, load(out) + sum_lanes_of_16<T>(acc));
   }
 }
 
