@@ -13,9 +13,11 @@
 //
 // Vectorisation: parent types are the innermost dimension, in chunks of kLanes (padded
 // with inert types), so every M-step, E-step and vote loop is a vertical operation over
-// lanes; the only horizontal reductions are per (block, child).  Threads: at::parallel_for
-// over contiguous ranges of blocks, one partial sum per range for the parameter gradients
-// (summed in a fixed order, so results do not depend on scheduling).
+// lanes; the only horizontal reductions are per (block, child).  Threads: the blocks are cut
+// into a fixed number of contiguous ranges that the threads take one after the other (so a
+// thread that the OS preempts delays one range, not half the work), with one partial sum per
+// range for the parameter gradients, summed in a fixed order: results do not depend on the
+// number of threads or on scheduling.
 //
 // Equations and their gradients: see the module docstring of matcaps/routing/fused.py.
 
@@ -23,6 +25,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -306,12 +309,24 @@ class FlushSubnormals {
 #endif
 };
 
-// Runs f(range_index, first_block, end_block) over `ranges` contiguous ranges of blocks.
-template <typename F>
-void for_block_ranges(int64_t blocks, int64_t ranges, const F& f) {
-  at::parallel_for(0, ranges, 1, [&](int64_t begin, int64_t end) {
+// Ranges of blocks per pass: enough for the threads to balance their load dynamically.
+constexpr int64_t kMaxRanges = 64;
+
+int64_t range_count(int64_t blocks) { return std::max<int64_t>(1, std::min(blocks, kMaxRanges)); }
+
+// Runs f(state, range_index, first_block, end_block) over range_count(blocks) contiguous ranges
+// of blocks, each range taken by the next free thread; `make_state()` gives each thread its
+// scratch space.
+template <typename MakeState, typename F>
+void for_block_ranges(int64_t blocks, const MakeState& make_state, const F& f) {
+  const int64_t ranges = range_count(blocks);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), ranges), 1, [&](int64_t, int64_t) {
     FlushSubnormals flush;
-    for (int64_t r = begin; r < end; ++r) f(r, blocks * r / ranges, blocks * (r + 1) / ranges);
+    auto state = make_state();
+    for (int64_t r = next.fetch_add(1); r < ranges; r = next.fetch_add(1)) {
+      f(state, r, blocks * r / ranges, blocks * (r + 1) / ranges);
+    }
   });
 }
 
@@ -327,15 +342,23 @@ struct ForwardBuffers {
 
 // One EM iteration (M-step, and E-step logits unless it is the last) for every block.
 template <typename T>
-void forward_pass(const Layer<T>& g, int64_t t, const Stats<T>& stats, int64_t stat_slot, const ForwardBuffers<T>& buf,
-                  int64_t ranges) {
+void forward_pass(const Layer<T>& g, int64_t t, const Stats<T>& stats, int64_t stat_slot, const ForwardBuffers<T>& buf) {
   const bool last = t == g.iterations - 1;
   const T lambda = g.inverse_temperature[t];
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const int64_t I = g.children, Cp = g.padded_types;
-  for_block_ranges(g.blocks(), ranges, [&](int64_t, int64_t first, int64_t end) {
-    std::vector<Vec<T>> votes(I * kEntries), weights(I);
-    std::vector<T> top(I), total(I);
+  struct Scratch {
+    std::vector<Vec<T>> votes, weights;
+    std::vector<T> top, total;
+  };
+  const auto make_scratch = [&] {
+    return Scratch{std::vector<Vec<T>>(I * kEntries), std::vector<Vec<T>>(I), std::vector<T>(I), std::vector<T>(I)};
+  };
+  for_block_ranges(g.blocks(), make_scratch, [&](Scratch& scratch, int64_t, int64_t first, int64_t end) {
+    std::vector<Vec<T>>& votes = scratch.votes;
+    std::vector<Vec<T>>& weights = scratch.weights;
+    std::vector<T>& top = scratch.top;
+    std::vector<T>& total = scratch.total;
     for (int64_t block = first; block < end; ++block) {
       const int64_t l = block % g.positions;
       const T* a_in = g.block_activations(block);
@@ -437,12 +460,13 @@ template <typename T>
 void reduce_child_lse(const Layer<T>& g, const T* window_lse, T* child_norm) {
   const int64_t P = g.child_positions, B = g.child_types, L = g.positions, S = g.slots, I = g.children;
   const T inf = std::numeric_limits<T>::infinity();
-  at::parallel_for(0, g.n, 1, [&](int64_t begin, int64_t end) {
-    FlushSubnormals flush;
-    std::vector<T> top(P * B), total(P * B);
+  const auto make_scratch = [&] { return std::vector<T>(2 * P * B); };
+  for_block_ranges(g.n, make_scratch, [&](std::vector<T>& scratch, int64_t, int64_t begin, int64_t end) {
+    T* top = scratch.data();
+    T* total = top + P * B;
     for (int64_t n = begin; n < end; ++n) {
-      std::fill(top.begin(), top.end(), -inf);
-      std::fill(total.begin(), total.end(), T(0));
+      std::fill(top, top + P * B, -inf);
+      std::fill(total, total + P * B, T(0));
       const T* lse = window_lse + n * L * I;
       for (int64_t l = 0; l < L; ++l) {
         for (int64_t s = 0; s < S; ++s) {
@@ -475,9 +499,8 @@ void reduce_child_lse(const Layer<T>& g, const T* window_lse, T* child_norm) {
 template <typename T>
 void reduce_child_sum(const Layer<T>& g, const T* per_slot, T* per_child) {
   const int64_t P = g.child_positions, B = g.child_types, L = g.positions, S = g.slots, I = g.children;
-  at::parallel_for(0, g.n, 1, [&](int64_t begin, int64_t end) {
-    FlushSubnormals flush;
-    std::vector<T> total(P * B);
+  const auto make_scratch = [&] { return std::vector<T>(P * B); };
+  for_block_ranges(g.n, make_scratch, [&](std::vector<T>& total, int64_t, int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       std::fill(total.begin(), total.end(), T(0));
       const T* src = per_slot + n * L * I;
@@ -588,14 +611,21 @@ void votes_gradient(const Layer<T>& g, const Stats<T>& stats, const BackwardBuff
 
 // Backward through iteration t (its E-step if any, then its M-step) for every block.
 template <typename T>
-void backward_pass(const Layer<T>& g, int64_t t, const Stats<T>& stats, const BackwardBuffers<T>& buf,
-                   int64_t ranges) {
+void backward_pass(const Layer<T>& g, int64_t t, const Stats<T>& stats, const BackwardBuffers<T>& buf) {
   const bool last = t == g.iterations - 1;
   const T lambda = g.inverse_temperature[t];
   const int64_t I = g.children, Cp = g.padded_types;
-  for_block_ranges(g.blocks(), ranges, [&](int64_t range, int64_t first, int64_t end) {
-    std::vector<Vec<T>> votes(I * kEntries), grad_weights(I);
-    std::vector<Vec<T>> rows(g.iterations * (4 * kEntries + 1));
+  struct Scratch {
+    std::vector<Vec<T>> votes, grad_weights, rows;
+  };
+  const auto make_scratch = [&] {
+    return Scratch{std::vector<Vec<T>>(I * kEntries), std::vector<Vec<T>>(I),
+                   std::vector<Vec<T>>(g.iterations * (4 * kEntries + 1))};
+  };
+  for_block_ranges(g.blocks(), make_scratch, [&](Scratch& scratch, int64_t range, int64_t first, int64_t end) {
+    std::vector<Vec<T>>& votes = scratch.votes;
+    std::vector<Vec<T>>& grad_weights = scratch.grad_weights;
+    std::vector<Vec<T>>& rows = scratch.rows;
     T* grad_beta_v = buf.grad_beta_v + range * Cp;
     T* grad_beta_a = buf.grad_beta_a + range * Cp;
     T* grad_transforms = buf.grad_transforms + range * I * g.chunks * kChunk;
@@ -763,7 +793,6 @@ void check_inputs(const torch::Tensor& windows, const torch::Tensor& transforms,
   }
 }
 
-int64_t default_ranges(int64_t blocks) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks)); }
 
 // Returns [mean (N, L, 16, Cp), activations (N, L, Cp)] and, with save, the saved state
 // [routing (T, N, L, I, Cp), means, variances (T, N, L, 16, Cp), activations, data, log variances (T, N, L, Cp),
@@ -805,9 +834,8 @@ std::vector<torch::Tensor> forward(const torch::Tensor& windows, const torch::Te
       buf.window_lse = window_lse.data_ptr<scalar_t>();
     }
     buf.routing = save ? routing.data_ptr<scalar_t>() : nullptr;
-    const int64_t ranges = default_ranges(g.blocks());
     for (int64_t t = 0; t < T_it; ++t) {
-      forward_pass(g, t, stats, save ? t : 0, buf, ranges);
+      forward_pass(g, t, stats, save ? t : 0, buf);
       if (t < T_it - 1) reduce_child_lse(g, buf.window_lse, buf.child_norm);
     }
   });
@@ -839,7 +867,7 @@ std::vector<torch::Tensor> backward(const torch::Tensor& windows, const torch::T
   TORCH_CHECK(grad_activation.sizes() == torch::IntArrayRef({N, L, Cp}) && grad_activation.is_contiguous(),
               "grad_activation must be contiguous (N, L, Cp)");
   auto options = windows.options();
-  const int64_t ranges = default_ranges(N * L);
+  const int64_t ranges = range_count(N * L);
   torch::Tensor grad_logits = torch::empty({std::max<int64_t>(T_it - 1, 1), N, L, I, Cp}, options);
   torch::Tensor grad_routing = torch::empty({N, L, I, Cp}, options);
   torch::Tensor slot_sum = torch::empty({N, L, I}, options);
@@ -875,7 +903,7 @@ std::vector<torch::Tensor> backward(const torch::Tensor& windows, const torch::T
     buf.grad_beta_v = grad_beta_v.data_ptr<scalar_t>();
     buf.grad_beta_a = grad_beta_a.data_ptr<scalar_t>();
     for (int64_t t = T_it - 1; t >= 0; --t) {
-      backward_pass(g, t, stats, buf, ranges);
+      backward_pass(g, t, stats, buf);
       if (t > 0) reduce_child_sum(g, buf.slot_sum, buf.child_sum);
     }
   });
