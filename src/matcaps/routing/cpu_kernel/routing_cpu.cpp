@@ -309,8 +309,9 @@ class FlushSubnormals {
 #endif
 };
 
-// Ranges of blocks per pass: enough for the threads to balance their load dynamically.
-constexpr int64_t kMaxRanges = 64;
+// Ranges of blocks per pass: enough for a few threads to balance their load dynamically, few
+// enough that the per-range partial sums of the transforms' gradient stay small.
+constexpr int64_t kMaxRanges = 16;
 
 int64_t range_count(int64_t blocks) { return std::max<int64_t>(1, std::min(blocks, kMaxRanges)); }
 
@@ -605,7 +606,7 @@ void votes_gradient(const Layer<T>& g, const Stats<T>& stats, const BackwardBuff
       }
     }
     T* out = grad_poses + i * kEntries;
-    store(out, load(out) + sum_lanes_of_16<T>(acc));
+    store(out, chunk == 0 ? sum_lanes_of_16<T>(acc) : load(out) + sum_lanes_of_16<T>(acc));
   }
 }
 
@@ -615,12 +616,15 @@ void backward_pass(const Layer<T>& g, int64_t t, const Stats<T>& stats, const Ba
   const bool last = t == g.iterations - 1;
   const T lambda = g.inverse_temperature[t];
   const int64_t I = g.children, Cp = g.padded_types;
+  const int64_t transform_values = I * g.chunks * kChunk;
   struct Scratch {
     std::vector<Vec<T>> votes, grad_weights, rows;
+    std::vector<T> grad_transforms;  // this range's sum, in cache, copied out at the end of the range
   };
   const auto make_scratch = [&] {
     return Scratch{std::vector<Vec<T>>(I * kEntries), std::vector<Vec<T>>(I),
-                   std::vector<Vec<T>>(g.iterations * (4 * kEntries + 1))};
+                   std::vector<Vec<T>>(g.iterations * (4 * kEntries + 1)),
+                   std::vector<T>(t == 0 ? transform_values : 0)};
   };
   for_block_ranges(g.blocks(), make_scratch, [&](Scratch& scratch, int64_t range, int64_t first, int64_t end) {
     std::vector<Vec<T>>& votes = scratch.votes;
@@ -628,7 +632,8 @@ void backward_pass(const Layer<T>& g, int64_t t, const Stats<T>& stats, const Ba
     std::vector<Vec<T>>& rows = scratch.rows;
     T* grad_beta_v = buf.grad_beta_v + range * Cp;
     T* grad_beta_a = buf.grad_beta_a + range * Cp;
-    T* grad_transforms = buf.grad_transforms + range * I * g.chunks * kChunk;
+    T* grad_transforms = scratch.grad_transforms.data();
+    std::fill(scratch.grad_transforms.begin(), scratch.grad_transforms.end(), T(0));
     for (int64_t block = first; block < end; ++block) {
       const T* a_in = g.block_activations(block);
       T* grad_a_in = buf.grad_activations + block * I;
@@ -726,6 +731,7 @@ void backward_pass(const Layer<T>& g, int64_t t, const Stats<T>& stats, const Ba
         if (t == 0) votes_gradient(g, stats, buf, block, chunk, votes.data(), grad_transforms, rows);
       }
     }
+    if (t == 0) std::copy(grad_transforms, grad_transforms + transform_values, buf.grad_transforms + range * transform_values);
   });
 }
 
@@ -874,9 +880,9 @@ std::vector<torch::Tensor> backward(const torch::Tensor& windows, const torch::T
   torch::Tensor child_sum = torch::empty({N, L, I}, options);
   torch::Tensor rows_times = torch::empty({T_it, N, L, kEntries, Cp}, options);
   torch::Tensor rows_plain = torch::empty({T_it, N, L, kEntries, Cp}, options);
-  torch::Tensor grad_windows = torch::zeros({N, L, I, kEntries}, options);
+  torch::Tensor grad_windows = torch::empty({N, L, I, kEntries}, options);  // written by the last pass
   torch::Tensor grad_activations = torch::zeros({N, L, I}, options);
-  torch::Tensor grad_transforms = torch::zeros({ranges, I, K, kSide, kSide, kLanes}, options);
+  torch::Tensor grad_transforms = torch::empty({ranges, I, K, kSide, kSide, kLanes}, options);  // one sum per range
   torch::Tensor grad_beta_v = torch::zeros({ranges, Cp}, options);
   torch::Tensor grad_beta_a = torch::zeros({ranges, Cp}, options);
   AT_DISPATCH_FLOATING_TYPES(windows.scalar_type(), "blocked_routing_backward", [&] {
