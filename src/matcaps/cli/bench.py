@@ -53,8 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="fp32", help=f"{' or '.join(DTYPES)}; bf16 = autocast, routing stays fp32")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads per worker (default: PyTorch's)")
     parser.add_argument(
-        "--impl", nargs="+", default=["fused"], metavar="IMPL",
-        help=f"routing implementation(s) to measure: {' '.join(ROUTING_IMPLEMENTATIONS)} (default fused)",
+        "--impl", nargs="+", default=[ROUTING_IMPLEMENTATIONS[0]], metavar="IMPL",
+        help=f"routing implementation(s) to measure: {' '.join(ROUTING_IMPLEMENTATIONS)} (default {ROUTING_IMPLEMENTATIONS[0]})",
     )  # fmt: skip
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help=f"untimed steps per phase (default {DEFAULT_WARMUP})")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"timed steps per phase (default {DEFAULT_STEPS})")

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from matcaps.errors import ConfigError
 
-#: Routing implementations that give the same numbers (see ``matcaps.routing.em``).
-ROUTING_IMPLEMENTATIONS: tuple[str, ...] = ("fused", "naive", "blocked")
+#: Routing implementations that give the same numbers (see ``matcaps.routing.em``); the first is the default.
+ROUTING_IMPLEMENTATIONS: tuple[str, ...] = ("blocked", "fused", "naive")
 
 
 @dataclass(frozen=True)
@@ -35,9 +35,10 @@ class EMRoutingConfig:
             child (zero spread) keeps a finite ``ln σ²`` (Gritzman's second fix).
         epsilon: Guards the divisions by the data a parent receives, ``R_j + ε``, and the
             logarithm of parent activations, ``ln(a_j + ε)``.
-        implementation: Which implementation computes the routing: ``"fused"`` (default,
-            hand-written backward, low memory), ``"blocked"`` (compiled CPU kernel that
-            keeps each block of votes in cache; ``fused`` where it does not apply) or
+        implementation: Which implementation computes the routing: ``"blocked"`` (default;
+            a compiled CPU kernel that keeps each block of votes in cache, 7-9x faster than
+            ``fused`` on the smallNORB network; ``fused`` where it does not apply: on GPU, or
+            without a C++ compiler), ``"fused"`` (hand-written backward, low memory) or
             ``"naive"`` (plain autograd; kept to measure the gain).  All give the same numbers.
     """
 
@@ -47,7 +48,7 @@ class EMRoutingConfig:
     cost_scale: float = 100.0
     variance_floor: float = 1e-9
     epsilon: float = 1e-9
-    implementation: str = "fused"
+    implementation: str = ROUTING_IMPLEMENTATIONS[0]
 
     def __post_init__(self) -> None:
         if not isinstance(self.iterations, int) or self.iterations < 1:

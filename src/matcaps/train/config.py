@@ -30,6 +30,7 @@ import yaml
 from matcaps.errors import ConfigError
 from matcaps.losses import MarginSchedule
 from matcaps.models import PRESETS, CapsNetConfig, preset
+from matcaps.routing import ROUTING_IMPLEMENTATIONS
 
 #: Data splits ``matcaps.data`` knows (train/test viewpoints of smallNORB).
 SPLITS: tuple[str, ...] = ("standard", "azimuth", "elevation")
@@ -78,8 +79,9 @@ class TrainConfig:
     model: str | None = _option(None, "str?", "architecture preset (default: smallnorb for "
                                 "smallNORB, mnist for 28x28 datasets)", "model", choices=tuple(PRESETS))
     iters: int | None = _option(None, "int?", "EM routing iterations, 1 to 3 (default: the preset's, 2)", "model")
-    routing_impl: str | None = _option(None, "str?", "routing implementation: fused (default) or "
-                                       "naive (plain autograd)", "model", choices=("fused", "naive"))
+    routing_impl: str | None = _option(None, "str?", "routing implementation: blocked (default; compiled "
+                                       "CPU kernel, fused where it cannot run), fused or naive (plain autograd)",
+                                       "model", choices=ROUTING_IMPLEMENTATIONS)
     model_options: dict[str, Any] = _option({}, "table", "changes to the preset's CapsNetConfig "
                                             "fields, e.g. conv1_channels=32 (repeatable)", "model")
     # Optimisation.
