@@ -9,10 +9,10 @@ built.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -255,7 +255,7 @@ def fresh_kernel_cache():
     cpu_kernel.load_kernel.cache_clear()
 
 
-def test_a_failed_build_warns_once_and_routes_with_fused(monkeypatch, fresh_kernel_cache):
+def test_a_failed_build_warns_once_and_routes_with_fused(monkeypatch, fresh_kernel_cache, caplog):
     from torch.utils import cpp_extension
 
     def no_compiler(*args, **kwargs):
@@ -267,11 +267,13 @@ def test_a_failed_build_warns_once_and_routes_with_fused(monkeypatch, fresh_kern
     reference = ConvCaps(2, 3, 3, 1, routing=EMRoutingConfig(implementation="fused"))
     reference.load_state_dict(layer.state_dict())
     poses, activations = torch.randn(2, 5, 5, 2, 4, 4), torch.rand(2, 5, 5, 2)
-    with pytest.warns(cpu_kernel.KernelUnavailableWarning, match="command not found.*using the fused routing"):
+    with caplog.at_level(logging.WARNING, logger="matcaps.routing"):
         got = layer(poses, activations)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # warned once per process, not per call
         again = layer(poses, activations)
+    assert [record.getMessage() for record in caplog.records] == [  # once per process, not per call
+        "matcaps: the blocked routing's C++ kernel could not be built "
+        "(Error building extension: c++: command not found); using the fused routing"
+    ]
     expected = reference(poses, activations)
     for first, second, third in zip(got, again, expected):
         assert torch.equal(first, third) and torch.equal(second, third)
@@ -306,5 +308,25 @@ def test_without_a_compiler_a_fresh_process_warns_in_one_line_and_trains(tmp_pat
     )
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip() == "routed"
-    warning_lines = [line for line in completed.stderr.splitlines() if "KernelUnavailableWarning" in line]
-    assert len(warning_lines) == 1 and "using the fused routing" in warning_lines[0]
+    lines = completed.stderr.splitlines()
+    assert len(lines) == 1, completed.stderr  # the warning, on one line
+    assert lines[0] == (
+        f"matcaps: the blocked routing's C++ kernel could not be built (no C++ compiler: "
+        f"'{environment['CXX']}' not found (install g++ or set CXX)); using the fused routing"
+    )
+
+
+def test_without_ninja_the_kernel_is_not_built(monkeypatch, fresh_kernel_cache, caplog):
+    from torch.utils import cpp_extension
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("the build was attempted without ninja")
+
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
+    monkeypatch.setattr(cpp_extension, "load", must_not_build)
+    with caplog.at_level(logging.WARNING, logger="matcaps.routing"):
+        assert cpu_kernel.load_kernel() is None
+    assert [record.getMessage() for record in caplog.records] == [
+        "matcaps: the blocked routing's C++ kernel could not be built (ninja not found (pip install ninja)); "
+        "using the fused routing"
+    ]

@@ -8,16 +8,19 @@ the CPU's instruction-set flags, so a cache shared by different machines never h
 a library built for another's instructions (the source and the flags are hashed by PyTorch).
 
 Where the kernel cannot be built (no compiler, no ninja, a failed build), one warning line
-is issued, once per process, and :func:`load_kernel` returns None: the caller then uses
-the ``fused`` routing, which gives the same numbers.
+is logged (logger ``matcaps.routing``; printed to stderr when logging is not configured),
+once per process, and :func:`load_kernel` returns None: the caller then uses the ``fused``
+routing, which gives the same numbers.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import logging
+import os
 import platform
-import warnings
+import shutil
 from pathlib import Path
 from types import ModuleType
 
@@ -30,9 +33,7 @@ EXTENSION_PREFIX = "matcaps_blocked_routing"
 COMPILE_FLAGS: tuple[str, ...] = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp")
 LINK_FLAGS: tuple[str, ...] = ("-fopenmp",)
 
-
-class KernelUnavailableWarning(RuntimeWarning):
-    """The blocked routing's kernel could not be built; the fused routing is used instead."""
+logger = logging.getLogger("matcaps.routing")
 
 
 def cpu_tag() -> str:
@@ -48,16 +49,33 @@ def cpu_tag() -> str:
     return hashlib.sha256(description.encode()).hexdigest()[:12]
 
 
+def missing_build_tool(cpp_extension: ModuleType) -> str | None:
+    """Why the kernel cannot be built here (no C++ compiler, no ninja), or None.
+
+    Checked before calling PyTorch's builder, which would otherwise print its own
+    multi-line complaints before failing.
+    """
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler: {compiler!r} not found (install g++ or set CXX)"
+    if not cpp_extension.is_ninja_available():
+        return "ninja not found (pip install ninja)"
+    return None
+
+
 @functools.cache
 def load_kernel() -> ModuleType | None:
     """The compiled kernel module (``forward``, ``backward``), or None where it cannot be built.
 
     Builds on the first call of a process if the cache holds no library for this source,
-    these flags and this CPU.  On failure, warns once (:class:`KernelUnavailableWarning`).
+    these flags and this CPU.  On failure, logs one warning line (once: the result is cached).
     """
     try:
         from torch.utils import cpp_extension
 
+        missing = missing_build_tool(cpp_extension)
+        if missing:
+            raise RuntimeError(missing)
         return cpp_extension.load(
             name=f"{EXTENSION_PREFIX}_{cpu_tag()}",
             sources=[str(SOURCE)],
@@ -67,9 +85,7 @@ def load_kernel() -> ModuleType | None:
         )
     except Exception as error:  # noqa: BLE001 - any build failure means: use the fused routing
         reason = " ".join(str(error).split())[:200] or type(error).__name__
-        warnings.warn(
-            f"matcaps: the blocked routing's C++ kernel could not be built ({reason}); using the fused routing",
-            KernelUnavailableWarning,
-            stacklevel=2,
+        logger.warning(
+            "matcaps: the blocked routing's C++ kernel could not be built (%s); using the fused routing", reason
         )
         return None
