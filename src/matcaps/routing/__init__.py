@@ -8,6 +8,10 @@
 * :class:`RoutingGeometry`: which child positions each parent position reads.
 * :func:`softmax_over_parents`, :func:`sum_over_parents`: the cross-position normaliser.
 * :func:`release_workspace`: free the scratch memory the fused routing keeps on CPU.
+
+Implementations (``EMRoutingConfig.implementation``): ``blocked`` (default; compiled CPU
+kernel, :mod:`matcaps.routing.blocked`, whose :func:`~matcaps.routing.blocked.trace_blocked_routing`
+returns the kernel's own per-iteration states), ``fused`` and ``naive``.
 """
 
 from matcaps.routing.config import LOG_2PI, ROUTING_IMPLEMENTATIONS, EMRoutingConfig
