@@ -82,3 +82,16 @@ def tiny_mnist_run(tmp_path_factory: pytest.TempPathFactory):
     finally:
         torch.set_num_threads(threads)
     return run, root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def blocked_routing_kernel_built() -> None:
+    """Build (or load) the blocked routing's kernel once, before any test.
+
+    The first build takes about a minute; done here, it never happens inside a test that
+    times its subprocess or kills it (a build killed half-way would leave PyTorch's build
+    lock behind).  Where it cannot be built, the tests run with the fused fallback.
+    """
+    from matcaps.routing.cpu_kernel import load_kernel
+
+    load_kernel()

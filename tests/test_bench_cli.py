@@ -60,6 +60,21 @@ def test_bench_measures_both_implementations_and_writes_the_documented_json(tmp_
     assert report["ratios"]["fused"]["inference_speedup"] > 0
 
 
+def test_bench_builds_the_blocked_kernel_first_and_reports_speed_ups_against_fused(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    code = main(["bench", *TINY, *QUICK, "--impl", "blocked", "fused", "--threads", "1", "--json", str(path)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "speed-up vs fused" in printed and "vs naive" not in printed and "WARNING" not in printed
+    report = json.loads(path.read_text())
+    assert report["kernels"]["blocked"]["available"] is True and report["kernels"]["blocked"]["seconds"] >= 0
+    assert report["results"]["blocked"]["routing_kernel"] == "compiled"
+    assert report["results"]["fused"]["routing_kernel"] is None
+    assert report["ratios"] is None and report["ratios_vs_fused"]["fused"]["train_speedup"] == 1.0
+    assert report["ratios_vs_fused"]["blocked"]["inference_speedup"] > 0
+    assert report["losses_agree"] is True and report["verification"]["max_relative_difference"]["fused"] < 1e-3
+
+
 @pytest.mark.parametrize(
     "options,message",
     [

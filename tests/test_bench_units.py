@@ -131,3 +131,24 @@ def test_report_table_without_naive_has_no_ratio_rows():
     text = format_report(report)
     assert "67,154 parameters" in text and "fused: tuned" in text and "50%" in text and "3200.0" in text
     assert "vs naive" not in text
+
+
+def test_report_table_gives_ratios_to_fused_and_warns_when_a_kernel_was_missing():
+    phase = {"median_ms": 10.0, "min_ms": 9.0, "max_ms": 11.0, "images_per_s": 3200.0,
+             "peak_memory_bytes": 2**20, "routing_share": 0.5, "compile_s": None}  # fmt: skip
+    slow = {**phase, "median_ms": 40.0}
+    blocked = {"allocator": {"name": "default", "applied": False}, "threads": 2, "device_name": "cpu",
+               "train": phase, "inference": phase, "first_loss": 0.1, "routing_kernel": "fused fallback (no kernel)"}  # fmt: skip
+    fused = {**blocked, "train": slow, "inference": slow, "routing_kernel": None}
+    results = {"blocked": blocked, "fused": fused}
+    report = {
+        "config": {"batch_size": 32, "iterations": 2, "device": "cpu", "dtype": "fp32", "compile": False, "warmup": 2, "steps": 5},
+        "machine": {"cpu_model": "Test CPU", "cores": 2, "torch_version": "x"},
+        "model": {"name": "smallnorb", "parameters": 67154},
+        "results": results, "ratios": None, "ratios_vs_fused": ratios_to_baseline(results, "fused"),
+        "verification": None, "losses_agree": True,
+    }  # fmt: skip
+    lines = format_report(report).splitlines()
+    speedups = [line for line in lines if line.startswith("  speed-up vs fused")]
+    assert len(speedups) == 2 and all(line.split()[-2:] == ["4.00x", "1.00x"] for line in speedups)
+    assert "WARNING: --impl blocked had no compiled kernel: its column measured the fused fallback (no kernel)" in lines

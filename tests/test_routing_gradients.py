@@ -140,14 +140,19 @@ def test_torch_compile_traces_the_network(implementation):
     torch.testing.assert_close(grads, expected_grads)
 
 
-def test_fused_routing_refuses_double_backward_with_a_clear_error():
+#: Implementations whose backward pass is written by hand (first-order gradients only).
+HAND_WRITTEN = ("fused", "blocked")
+
+
+@pytest.mark.parametrize("implementation", HAND_WRITTEN)
+def test_hand_written_routing_refuses_double_backward_with_a_clear_error(implementation):
     torch.manual_seed(9)
-    layer = ConvCaps(2, 3, 3, 1, routing=EMRoutingConfig(implementation="fused"))
+    layer = ConvCaps(2, 3, 3, 1, routing=EMRoutingConfig(implementation=implementation))
     poses = torch.randn(1, 4, 4, 2, 4, 4, requires_grad=True)
     activations = torch.rand(1, 4, 4, 2)
     out = layer(poses, activations)
     grad = torch.autograd.grad(out.activations.sum(), poses, create_graph=True)[0]  # first order: fine
-    with pytest.raises(UnsupportedOperationError, match=r'double backward .*implementation="naive"'):
+    with pytest.raises(UnsupportedOperationError, match=rf'the {implementation} EM routing.*double backward .*implementation="naive"'):
         grad.square().sum().backward()
 
 
@@ -160,8 +165,9 @@ def test_the_naive_routing_supports_double_backward():
     assert torch.autograd.gradgradcheck(lambda p, a: layer(p, a), (poses, activations), eps=1e-6, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("implementation", HAND_WRITTEN)
 @pytest.mark.parametrize("transform", ["grad", "vmap", "jvp"])
-def test_fused_routing_refuses_torch_func_with_a_clear_error_and_naive_supports_it(transform):
+def test_hand_written_routing_refuses_torch_func_with_a_clear_error_and_naive_supports_it(transform, implementation):
     torch.manual_seed(12)
     poses, activations = torch.randn(1, 4, 4, 2, 4, 4, dtype=torch.float64), torch.rand(1, 4, 4, 2, dtype=torch.float64)
     layers = {impl: ConvCaps(2, 3, 3, 1, routing=EMRoutingConfig(implementation=impl)).double() for impl in ROUTING_IMPLEMENTATIONS}
@@ -175,8 +181,8 @@ def test_fused_routing_refuses_torch_func_with_a_clear_error_and_naive_supports_
             return torch.func.vmap(lambda p: layers[implementation](p, activations[:1]).poses)(poses.unsqueeze(1))
         return torch.func.jvp(f, (poses,), (torch.ones_like(poses),))[1]
 
-    with pytest.raises(UnsupportedOperationError, match=r'torch\.func.*implementation="naive"'):
-        apply("fused")
+    with pytest.raises(UnsupportedOperationError, match=rf'the {implementation} EM routing.*torch\.func.*implementation="naive"'):
+        apply(implementation)
     result = apply("naive")
     if transform == "grad":  # the same gradient as ordinary autograd through the fused routing
         expected_input = poses.clone().requires_grad_()
@@ -184,10 +190,11 @@ def test_fused_routing_refuses_torch_func_with_a_clear_error_and_naive_supports_
         torch.testing.assert_close(result, expected_input.grad, rtol=1e-9, atol=1e-12)
 
 
-def test_fused_routing_refuses_forward_mode_ad_with_a_clear_error():
+@pytest.mark.parametrize("implementation", HAND_WRITTEN)
+def test_hand_written_routing_refuses_forward_mode_ad_with_a_clear_error(implementation):
     import torch.autograd.forward_ad as fwAD
 
-    layer = ConvCaps(2, 3, 3, 1)
+    layer = ConvCaps(2, 3, 3, 1, routing=EMRoutingConfig(implementation=implementation))
     poses, activations = torch.randn(1, 4, 4, 2, 4, 4), torch.rand(1, 4, 4, 2)
     with fwAD.dual_level(), pytest.raises(UnsupportedOperationError, match="forward-mode AD"):
         layer(fwAD.make_dual(poses, torch.ones_like(poses)), activations)

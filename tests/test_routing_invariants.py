@@ -7,6 +7,7 @@ import torch
 
 from matcaps.layers import ClassCaps, ConvCaps
 from matcaps.routing import ROUTING_IMPLEMENTATIONS, EMRoutingConfig, RoutingGeometry
+from matcaps.routing.blocked import trace_blocked_routing
 
 BATCH = 2
 CHILD_TYPES = 2
@@ -52,26 +53,42 @@ def reached_positions(side: int, kernel: int, stride: int, padding: int) -> torc
     return reached & reached.T
 
 
+def routing_trace(layer, poses: torch.Tensor, activations: torch.Tensor, tracer: str):
+    """Every iteration's state, from the straightforward implementation or from the blocked kernel."""
+    if tracer == "naive":
+        return layer.trace(poses, activations)
+    inputs = layer.routing_inputs(poses, activations)
+    return trace_blocked_routing(
+        inputs.windows, inputs.transforms, inputs.child_activations, layer.beta_v, layer.beta_a,
+        inputs.geometry, layer.routing, inputs.vote_offsets,
+    )  # fmt: skip
+
+
+TRACERS = ["naive", "blocked"]
+
+
+@pytest.mark.parametrize("tracer", TRACERS)
 @pytest.mark.parametrize("side,kernel,stride,padding", [(5, 3, 1, 0), (7, 3, 2, 0), (8, 3, 2, 0), (6, 3, 2, 1), (5, 2, 2, 0)])
-def test_each_child_routing_weights_sum_to_one_over_every_parent_it_reaches(side, kernel, stride, padding):
+def test_each_child_routing_weights_sum_to_one_over_every_parent_it_reaches(side, kernel, stride, padding, tracer):
     torch.manual_seed(0)
     layer = ConvCaps(CHILD_TYPES, PARENT_TYPES, kernel, stride, padding, routing=EMRoutingConfig(iterations=3)).double()
     poses = torch.randn(BATCH, side, side, CHILD_TYPES, 4, 4, dtype=torch.float64)
     activations = torch.rand(BATCH, side, side, CHILD_TYPES, dtype=torch.float64)
     reached = reached_positions(side, kernel, stride, padding)
     expected = reached.to(torch.float64).view(1, side, side, 1).expand(BATCH, side, side, CHILD_TYPES)
-    for iteration, state in enumerate(layer.trace(poses, activations)):
+    for iteration, state in enumerate(routing_trace(layer, poses, activations, tracer)):
         totals = child_weight_totals(state.routing.detach(), side, kernel, stride, padding)
         torch.testing.assert_close(totals, expected, rtol=0, atol=1e-12, msg=f"iteration {iteration}")
         assert torch.all(state.routing >= 0)
 
 
-def test_class_caps_routing_weights_sum_to_one_per_child():
+@pytest.mark.parametrize("tracer", TRACERS)
+def test_class_caps_routing_weights_sum_to_one_per_child(tracer):
     torch.manual_seed(0)
     layer = ClassCaps(CHILD_TYPES, 5, routing=EMRoutingConfig(iterations=3)).double()
     poses = torch.randn(BATCH, 3, 3, CHILD_TYPES, 4, 4, dtype=torch.float64)
     activations = torch.rand(BATCH, 3, 3, CHILD_TYPES, dtype=torch.float64)
-    for state in layer.trace(poses, activations):
+    for state in routing_trace(layer, poses, activations, tracer):
         totals = state.routing.sum(dim=2)  # over classes: (N, 1, H·W·D)
         torch.testing.assert_close(totals, torch.ones_like(totals), rtol=0, atol=1e-12)
 

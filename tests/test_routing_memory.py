@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+from matcaps.routing import ROUTING_IMPLEMENTATIONS
+
 MEASURE = """
 import json, sys, torch
 from matcaps.bench.memory import PeakMemoryProbe
@@ -42,7 +44,7 @@ def peak_memory(side: int, implementation: str) -> dict:
     return json.loads(result.stdout)
 
 
-@pytest.mark.parametrize("implementation", ["fused", "naive"])
+@pytest.mark.parametrize("implementation", ROUTING_IMPLEMENTATIONS)
 def test_conv_caps_peak_memory_is_linear_in_the_map_size(implementation):
     small, large = peak_memory(20, implementation), peak_memory(60, implementation)
     assert large["windows"] / small["windows"] > 9  # 81 → 841 parent positions
@@ -52,7 +54,7 @@ def test_conv_caps_peak_memory_is_linear_in_the_map_size(implementation):
     assert 0.5 * per_window_small < per_window_large < 2.0 * per_window_small, (small, large)
 
 
-@pytest.mark.parametrize("implementation", ["fused", "naive"])
+@pytest.mark.parametrize("implementation", ROUTING_IMPLEMENTATIONS)
 @pytest.mark.parametrize("backward", [True, False])
 def test_a_step_leaves_nothing_for_the_cyclic_garbage_collector(implementation, backward):
     """No reference cycle keeps a step's tensors alive.

@@ -18,7 +18,7 @@ def test_defaults_are_the_ibm_smallnorb_recipe():
     assert config.margin_schedule()(200_000) == pytest.approx(0.595)
     assert config.lr_factor(20_000) == pytest.approx(0.96) and config.lr_factor(10_000) == pytest.approx(0.96**0.5)
     model = resolve_model_config(config, num_classes=5, image_size=32, channels=1)
-    assert model.routing.iterations == 2 and model.conv1_channels == 64 and model.routing.implementation == "fused"
+    assert model.routing.iterations == 2 and model.conv1_channels == 64 and model.routing.implementation == "blocked"
 
 
 def test_mnist_gets_the_mnist_preset_and_overrides_apply_in_order():

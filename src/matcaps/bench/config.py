@@ -76,7 +76,7 @@ class BenchConfig:
     device: str = "cpu"
     dtype: str = "fp32"
     threads: int | None = None
-    implementations: tuple[str, ...] = ("fused",)
+    implementations: tuple[str, ...] = (ROUTING_IMPLEMENTATIONS[0],)
     warmup: int = DEFAULT_WARMUP
     steps: int = DEFAULT_STEPS
     compile: bool = False

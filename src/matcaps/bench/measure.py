@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from matcaps.bench.config import BenchConfig
+from matcaps.bench.kernels import routing_kernel_status
 from matcaps.bench.memory import PeakMemoryProbe
 from matcaps.bench.profiling import profile_step
 from matcaps.bench.timing import ROUTING_SHARE_STEPS, TimingStats, routing_share, time_steps
@@ -36,7 +37,7 @@ def measure_phase(config: BenchConfig, implementation: str, phase: str, allocato
 
     Args:
         config: The bench options.
-        implementation: ``fused`` or ``naive``.
+        implementation: A name from ``ROUTING_IMPLEMENTATIONS``.
         phase: ``train`` or ``inference``.
         allocator: What :func:`matcaps.bench.allocator.apply_allocator` applied (recorded).
 
@@ -45,7 +46,8 @@ def measure_phase(config: BenchConfig, implementation: str, phase: str, allocato
         ``routing_share``, ``routed_ms``, ``routing_share_steps``, ``compile_s``,
         ``first_value`` (the first training loss; None for inference), ``profile`` (the
         profiler table or None), ``trace`` (its Chrome trace path or None) and the process
-        facts ``allocator``, ``threads``, ``device_name``, ``torch_version``, ``parameters``.
+        facts ``allocator``, ``threads``, ``device_name``, ``torch_version``, ``parameters``,
+        ``routing_kernel`` (see :func:`matcaps.bench.kernels.routing_kernel_status`).
     """
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
@@ -92,6 +94,7 @@ def measure_phase(config: BenchConfig, implementation: str, phase: str, allocato
         "device_name": device_name(device),
         "torch_version": torch.__version__,
         "parameters": count_parameters(workload.network),
+        "routing_kernel": routing_kernel_status(implementation, device.type),
     }
 
 

@@ -7,14 +7,16 @@ JSON layout (``schema`` ``matcaps-bench/1``)::
              glibc, default_threads, threads, device, device_name, load_average,
              load_average_after},
     verification {reference, max_relative_difference {impl: float}} or null,
+    kernels {impl: {available, seconds}} (compiled kernels built before timing; may be empty),
     results {impl: {implementation, allocator {name, applied, settings, glibc, note},
                     threads, device_name, torch_version, parameters, first_loss,
-                    memory_method, profile,
+                    memory_method, profile, routing_kernel (null, compiled or fused fallback),
                     train | inference: {median_ms, min_ms, max_ms, step_ms, images_per_s,
                                         cpu_median_ms, peak_memory_bytes, routing_share, routed_ms,
                                         routing_share_steps, compile_s}}},
     ratios {impl: {train_speedup, inference_speedup, train_memory_ratio,
                    inference_memory_ratio}} or null (needs naive and another),
+    ratios_vs_fused: the same relative to fused, or null (needs fused and another),
     losses_agree
 
 ``routing_share`` is the fraction of the step time spent in the routed capsule layers
@@ -33,12 +35,13 @@ from matcaps.errors import ConfigError
 
 #: Keys every report has at the top level.
 REPORT_KEYS: tuple[str, ...] = (
-    "schema", "command", "config", "model", "machine", "verification", "results", "ratios", "losses_agree",
+    "schema", "command", "config", "model", "machine", "verification", "kernels", "results", "ratios",
+    "ratios_vs_fused", "losses_agree",
 )  # fmt: skip
 #: Keys of each implementation's result.
 RESULT_KEYS: tuple[str, ...] = (
     "implementation", "allocator", "threads", "device_name", "torch_version", "parameters",
-    "first_loss", "memory_method", "profile", "train", "inference",
+    "first_loss", "memory_method", "profile", "routing_kernel", "train", "inference",
 )  # fmt: skip
 #: Keys of each phase (train, inference) of a result.
 PHASE_KEYS: tuple[str, ...] = PHASE_RESULT_KEYS
@@ -98,12 +101,24 @@ def format_report(report: dict[str, Any]) -> str:
                 f"{'  memory vs naive':<34}"
                 + "".join(f"{_ratio(ratios[n][phase + '_memory_ratio']):>{width}}" for n in names)
             )
+        to_fused = report.get("ratios_vs_fused")
+        if to_fused:
+            lines.append(
+                f"{'  speed-up vs fused':<34}" + "".join(f"{to_fused[n][phase + '_speedup']:>{width - 1}.2f}x" for n in names)
+            )
+            lines.append(
+                f"{'  memory vs fused':<34}"
+                + "".join(f"{_ratio(to_fused[n][phase + '_memory_ratio']):>{width}}" for n in names)
+            )
     if report.get("verification"):
         worst = max(report["verification"]["max_relative_difference"].values())
         lines.append("")
         lines.append(
             f"verified: outputs and gradients of {', '.join(names)} agree (max relative difference {worst:.1e})"
         )
+    for name, result in results.items():
+        if result.get("routing_kernel") not in (None, "compiled"):
+            lines.append(f"WARNING: --impl {name} had no compiled kernel: its column measured the {result['routing_kernel']}")
     if not report["losses_agree"]:
         lines.append("WARNING: the first training losses differ between implementations: "
                      + ", ".join(f"{n}={results[n]['first_loss']:.6g}" for n in names))  # fmt: skip

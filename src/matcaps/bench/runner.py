@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from matcaps.bench.config import BenchConfig
+from matcaps.bench.kernels import prepare_kernels
 from matcaps.bench.machine import machine_info
 from matcaps.bench.measure import PHASES
 from matcaps.bench.verify import compare_implementations
@@ -35,6 +36,8 @@ PHASE_RESULT_KEYS: tuple[str, ...] = (
 )  # fmt: skip
 #: The implementation that ratios are relative to.
 BASELINE_IMPLEMENTATION = "naive"
+#: The implementation that the second set of ratios is relative to (the default before ``blocked``).
+FUSED_IMPLEMENTATION = "fused"
 #: First-step losses of the implementations must agree to this relative tolerance.
 LOSS_RELATIVE_TOLERANCE = 1e-4
 
@@ -76,6 +79,7 @@ def run_bench(config: BenchConfig, command: list[str] | None = None) -> dict[str
         "model": {"name": config.model, "config": config.model_config().to_dict()},
         "machine": machine_info(config.device),
         "verification": None,
+        "kernels": prepare_kernels(config.implementations, config.device),
     }
     if config.verify and len(config.implementations) > 1:
         differences = compare_implementations(
@@ -93,6 +97,7 @@ def run_bench(config: BenchConfig, command: list[str] | None = None) -> dict[str
     report["machine"]["threads"] = next(iter(results.values()))["threads"]
     report["machine"]["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     report["ratios"] = ratios_to_baseline(results)
+    report["ratios_vs_fused"] = ratios_to_baseline(results, FUSED_IMPLEMENTATION)
     report["losses_agree"] = losses_agree(results)
     return report
 
@@ -109,7 +114,10 @@ def measure_implementation(config: BenchConfig, implementation: str) -> dict[str
     train = phases["train"]
     result: dict[str, Any] = {
         "implementation": implementation,
-        **{key: train[key] for key in ("allocator", "threads", "device_name", "torch_version", "parameters", "memory_method")},
+        **{
+            key: train[key]
+            for key in ("allocator", "threads", "device_name", "torch_version", "parameters", "memory_method", "routing_kernel")
+        },
         "first_loss": train["first_value"],
         "profile": None,
     }
@@ -138,14 +146,16 @@ def run_worker(config: BenchConfig, implementation: str, phase: str) -> dict[str
         return json.loads(result_path.read_text(encoding="utf-8"))
 
 
-def ratios_to_baseline(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]] | None:
-    """Speed-up (``naive`` median time / this one's) and memory ratio of every implementation, per phase.
+def ratios_to_baseline(
+    results: dict[str, dict[str, Any]], baseline_name: str = BASELINE_IMPLEMENTATION
+) -> dict[str, dict[str, float | None]] | None:
+    """Speed-up (the baseline's median time / this one's) and memory ratio of every implementation, per phase.
 
-    None unless ``naive`` and another implementation were both measured.
+    None unless the baseline (``naive`` by default) and another implementation were both measured.
     """
-    if BASELINE_IMPLEMENTATION not in results or len(results) < 2:
+    if baseline_name not in results or len(results) < 2:
         return None
-    baseline = results[BASELINE_IMPLEMENTATION]
+    baseline = results[baseline_name]
     ratios: dict[str, dict[str, float | None]] = {}
     for name, result in results.items():
         ratios[name] = {}

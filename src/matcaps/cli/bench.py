@@ -66,9 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bf16 = autocast, the routing stays fp32; as matcaps train --precision (default: fp32)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads per worker (default: PyTorch's)")
     parser.add_argument(
-        "--routing-impl", "--impl", dest="impl", nargs="+", default=["fused"], metavar="IMPL",
+        "--routing-impl", "--impl", dest="impl", nargs="+", default=[ROUTING_IMPLEMENTATIONS[0]], metavar="IMPL",
         help=f"routing implementation(s) to measure: {', '.join(ROUTING_IMPLEMENTATIONS)}; as matcaps train "
-             "--routing-impl, which takes one (default: fused)",
+             f"--routing-impl, which takes one (default: {ROUTING_IMPLEMENTATIONS[0]})",
     )  # fmt: skip
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help=f"untimed steps per phase (default: {DEFAULT_WARMUP})")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"timed steps per phase (default: {DEFAULT_STEPS})")

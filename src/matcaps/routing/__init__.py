@@ -10,6 +10,10 @@
 * :func:`softmax_over_parents`, :func:`sum_over_parents`: the cross-position normaliser.
 * :class:`RoutingWorkspace`: scratch memory the fused routing reuses on CPU, owned by its
   creator; :func:`release_workspace` frees every live workspace's buffers.
+
+Implementations (``EMRoutingConfig.implementation``): ``blocked`` (default; compiled CPU
+kernel, :mod:`matcaps.routing.blocked`, whose :func:`~matcaps.routing.blocked.trace_blocked_routing`
+returns the kernel's own per-iteration states), ``fused``, ``naive`` and ``triton``.
 """
 
 from matcaps.routing.capsules import Capsules

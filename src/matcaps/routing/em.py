@@ -1,10 +1,13 @@
 """EM routing between capsule layers (Hinton, Sabour & Frosst 2018, Procedure 1).
 
-The public entry point :func:`em_routing` dispatches to one of three implementations that
-give the same numbers:
+The public entry points :func:`route_capsules` and :func:`em_routing` dispatch to one of
+four implementations that give the same numbers:
 
 * ``"fused"`` (:mod:`matcaps.routing.fused`): a custom autograd function that keeps one
   votes-sized buffer per iteration and computes the backward pass by hand;
+* ``"blocked"`` (:mod:`matcaps.routing.blocked`): a compiled CPU kernel that computes the
+  votes block by block in cache and never stores them (``route_capsules`` only: given
+  votes, and off the CPU, it runs ``fused``);
 * ``"naive"`` (:mod:`matcaps.routing.naive`): every intermediate materialised and
   differentiated by autograd;
 * ``"triton"`` (:mod:`matcaps.routing.triton_routing`): a Triton kernel per EM iteration
@@ -23,6 +26,7 @@ from torch import Tensor
 
 from matcaps.errors import InvalidInputError
 from matcaps.routing.capsules import Capsules
+from matcaps.routing.blocked import route_capsules_blocked
 from matcaps.routing.config import EMRoutingConfig
 from matcaps.routing.fused import em_routing_fused, route_capsules_fused
 from matcaps.routing.geometry import RoutingGeometry
@@ -85,6 +89,7 @@ def em_routing(
     if votes.dim() != 5:
         raise InvalidInputError(f"votes must have shape (N, L, C, I, H), got {tuple(votes.shape)}")
     _check_routing_inputs(votes.shape[:4], child_activations, beta_v, beta_a, geometry)
+    # Given votes, the blocked routing has nothing to save: it runs the fused one.
     with torch.autocast(votes.device.type, enabled=False):
         votes, child_activations, beta_v, beta_a = _full_precision(votes, child_activations, beta_v, beta_a)
         _check_dtypes_and_devices(votes=votes, child_activations=child_activations, beta_v=beta_v, beta_a=beta_a)
@@ -110,7 +115,8 @@ def route_capsules(
 
     This is what a routed capsule layer computes.  With the ``"fused"`` implementation
     the votes are never kept for the backward pass (they are recomputed from the poses),
-    so memory does not grow with the number of votes.
+    so memory does not grow with the number of votes; with ``"blocked"`` they never
+    leave the cache.
 
     Args:
         windows: ``(N, L, I, P, P)``, poses of the ``I`` children of each window.
@@ -149,7 +155,8 @@ def route_capsules(
             return Capsules(*route_capsules_triton(
                 windows, transforms, child_activations, beta_v, beta_a, geometry, config, vote_offsets
             ))  # fmt: skip
-        return Capsules(*route_capsules_fused(
+        route = route_capsules_blocked if config.implementation == "blocked" else route_capsules_fused
+        return Capsules(*route(
             windows, transforms, child_activations, beta_v, beta_a, geometry, config, vote_offsets, workspace
         ))  # fmt: skip
 

@@ -60,7 +60,6 @@ forward-mode AD; each raises :class:`~matcaps.errors.UnsupportedOperationError` 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,8 +67,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from matcaps.errors import UnsupportedOperationError
 from matcaps.routing.config import LOG_2PI, EMRoutingConfig
+from matcaps.routing.first_order import check_first_order, first_order_only
 from matcaps.routing.geometry import RoutingGeometry
 from matcaps.routing.normalise import softmax_over_parents, sum_over_parents
 from matcaps.routing.votes import (
@@ -80,13 +79,11 @@ from matcaps.routing.votes import (
 )
 from matcaps.routing.workspace import RoutingWorkspace, scratch
 
+#: Name of this implementation in messages (``EMRoutingConfig.implementation``).
+IMPLEMENTATION = "fused"
 #: Scratch-buffer slots (see :meth:`matcaps.routing.workspace.RoutingWorkspace.scratch`).
 _VOTES_SLOT, _SQUARES_SLOT, _PRODUCTS_SLOT = 0, 1, 2
 
-_UNSUPPORTED = (
-    "the fused EM routing has a hand-written backward pass that supports first-order reverse-mode "
-    "gradients only; {what} needs EMRoutingConfig(implementation=\"naive\")"
-)
 
 
 # ``torch.compile`` runs the fused routing eagerly (a graph break): its forward and backward
@@ -115,7 +112,7 @@ def em_routing_fused(
     Returns:
         ``(N, L, C, H)`` pose means and ``(N, L, C)`` activations.
     """
-    _check_supported(votes, child_activations, beta_v, beta_a)
+    check_first_order(IMPLEMENTATION, votes, child_activations, beta_v, beta_a)
     return _FusedEMRouting.apply(
         votes.contiguous(), child_activations.contiguous(), beta_v, beta_a, geometry, config, workspace
     )
@@ -137,22 +134,12 @@ def route_capsules_fused(
 
     Same contract as :func:`matcaps.routing.route_capsules`.
     """
-    _check_supported(windows, transforms, child_activations, beta_v, beta_a)
+    check_first_order(IMPLEMENTATION, windows, transforms, child_activations, beta_v, beta_a)
     offsets = None if vote_offsets is None else vote_offsets.detach().contiguous()
     return _FusedCapsuleRouting.apply(
         windows.contiguous(), transforms, offsets, child_activations.contiguous(), beta_v, beta_a, geometry, config,
         workspace,
     )  # fmt: skip
-
-
-def _check_supported(*tensors: Tensor) -> None:
-    """Refuse ``torch.func`` transforms and forward-mode AD with a message naming the alternative."""
-    if torch._C._are_functorch_transforms_active():
-        raise UnsupportedOperationError(
-            _UNSUPPORTED.format(what="a torch.func transform (grad, vmap, jacrev, jvp, ...)")
-        )
-    if any(torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors):
-        raise UnsupportedOperationError(_UNSUPPORTED.format(what="forward-mode AD (dual tensors)"))
 
 
 # ---------------------------------------------------------------------------- forward pass
@@ -568,41 +555,6 @@ def _outputs(states: list[_IterationState], mean: Tensor, shape: torch.Size) -> 
     return mean.view(n, num_windows, parent_types, entries), states[-1].activations.clone()
 
 
-class _RaiseOnBackward(torch.autograd.Function):
-    """Identity whose backward raises: marks the gradients of the fused routing as not differentiable."""
-
-    @staticmethod
-    def forward(ctx: FunctionCtx, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
-        return tuple(t.clone() for t in tensors)
-
-    @staticmethod
-    def backward(ctx: FunctionCtx, *grads: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
-        raise UnsupportedOperationError(_UNSUPPORTED.format(what="double backward (create_graph=True)"))
-
-
-def _first_order_only(backward: Callable[..., tuple[Tensor | None, ...]]) -> Callable[..., tuple[Tensor | None, ...]]:
-    """Run ``backward`` without autograd; under ``create_graph`` its results raise when differentiated.
-
-    Like ``torch.autograd.function.once_differentiable``, but the results are marked whenever
-    a graph of the backward pass is being built (the gradients depend on the inputs, not
-    only on the incoming gradients), and the error names the implementation that supports
-    double backward.
-    """
-
-    def wrapper(ctx: Any, *grad_outputs: Tensor | None) -> tuple[Tensor | None, ...]:
-        with torch.no_grad():
-            results = backward(ctx, *grad_outputs)
-        if not torch.is_grad_enabled():  # grad mode is on in a backward pass only under create_graph=True
-            return results
-        present = [i for i, r in enumerate(results) if r is not None]
-        marked = _RaiseOnBackward.apply(*[results[i].detach().requires_grad_() for i in present])  # type: ignore[union-attr]
-        out: list[Tensor | None] = list(results)
-        for i, tensor in zip(present, marked):
-            out[i] = tensor
-        return tuple(out)
-
-    return wrapper
-
 
 class _FusedEMRouting(torch.autograd.Function):
     """EM routing from given votes; keeps the votes (an input) for the backward pass."""
@@ -634,7 +586,7 @@ class _FusedEMRouting(torch.autograd.Function):
         return _outputs(states, mean, votes.shape)
 
     @staticmethod
-    @_first_order_only
+    @first_order_only(IMPLEMENTATION)
     def backward(  # type: ignore[override]
         ctx: Any, grad_mean: Tensor | None, grad_activations: Tensor | None
     ) -> tuple[Tensor | None, ...]:
@@ -687,7 +639,7 @@ class _FusedCapsuleRouting(torch.autograd.Function):
         return _outputs(states, mean, shape)
 
     @staticmethod
-    @_first_order_only
+    @first_order_only(IMPLEMENTATION)
     def backward(  # type: ignore[override]
         ctx: Any, grad_mean: Tensor | None, grad_activations: Tensor | None
     ) -> tuple[Tensor | None, ...]:

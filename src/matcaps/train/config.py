@@ -94,8 +94,9 @@ class TrainConfig:
                                 "smallNORB, cifar10 for CIFAR-10, mnist for the others) or cnn-baseline, "
                                 "Hinton et al.'s CNN trained with softmax cross-entropy", "model", choices=MODEL_NAMES)
     iters: int | None = _option(None, "int?", "EM routing iterations, 1 to 3 (default: the preset's, 2)", "model")
-    routing_impl: str | None = _option(None, "str?", "routing implementation: fused (default), naive "
-                                       "(plain autograd) or triton (CUDA, pip install matcaps[triton])", "model",
+    routing_impl: str | None = _option(None, "str?", "routing implementation: blocked (default; compiled "
+                                       "CPU kernel, fused where it cannot run), fused, naive (plain autograd) or "
+                                       "triton (CUDA, pip install matcaps[triton])", "model",
                                        choices=ROUTING_IMPLEMENTATIONS)
     model_options: dict[str, Any] = _option({}, "table", "changes to the preset's CapsNetConfig "
                                             "fields, e.g. conv1_channels=32 (repeatable)", "model")
