@@ -203,7 +203,7 @@ def test_hand_written_routing_refuses_forward_mode_ad_with_a_clear_error(impleme
 def test_the_fused_backward_saves_its_state_through_saved_tensor_hooks():
     """Hooks such as ``save_on_cpu`` see every tensor the fused routing keeps for backward."""
     torch.manual_seed(13)
-    layer = ConvCaps(2, 3, 3, 1)
+    layer = ConvCaps(2, 3, 3, 1, routing=EMRoutingConfig(implementation="fused"))
     poses, activations = torch.randn(2, 5, 5, 2, 4, 4, requires_grad=True), torch.rand(2, 5, 5, 2)
     packed: list[torch.Tensor] = []
 

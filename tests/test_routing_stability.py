@@ -45,7 +45,7 @@ class Tolerance:
 
 
 #: Implementations whose forward pass sums uncentred votes (fused centres them per parent).
-UNCENTRED_IMPLEMENTATIONS = ("naive", "triton")
+UNCENTRED_IMPLEMENTATIONS = ("naive", "triton", "blocked")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class EdgeCase:
     layer: Callable[[], ConvCaps | ClassCaps]
     inputs: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]
     float32: Tolerance
-    #: Where the implementations whose forward pass works on uncentred votes (naive, triton) are less
+    #: Where the implementations whose forward pass works on uncentred votes (naive, triton, blocked) are less
     #: accurate in float32; fused centres the votes per parent.
     uncentred_float32: Tolerance | None = None
 

@@ -25,7 +25,7 @@ from em_reference import Constants, conv_caps_links, em_route
 from matcaps.errors import ConfigError
 from matcaps.layers import ClassCaps, ConvCaps
 from matcaps.models import CapsNet, preset
-from matcaps.routing import EMRoutingConfig, RoutingGeometry, em_routing
+from matcaps.routing import ROUTING_IMPLEMENTATIONS, EMRoutingConfig, RoutingGeometry, em_routing
 
 SOURCE_ROOT = str(Path(__file__).resolve().parents[1] / "src")
 TRITON_MISSING = triton_cpu_skip_reason() is not None and "not importable" in (triton_cpu_skip_reason() or "")
@@ -222,7 +222,7 @@ def test_missing_triton_raises_one_clear_error():
 
 def test_the_triton_implementation_is_a_valid_configuration():
     assert EMRoutingConfig(implementation="triton").implementation == "triton"
-    with pytest.raises(ConfigError, match="choose one of fused, naive, triton"):
+    with pytest.raises(ConfigError, match="choose one of " + ", ".join(ROUTING_IMPLEMENTATIONS)):
         EMRoutingConfig(implementation="cuda")
 
 
