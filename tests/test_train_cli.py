@@ -232,3 +232,18 @@ def test_routing_options_of_the_wrong_type_are_named():
 
     with pytest.raises(ConfigError, match="routing option variance_floor must be a number, got '1e-4'"):
         EMRoutingConfig(variance_floor="1e-4")
+
+
+def test_a_run_resumes_with_another_routing_implementation(config_file, tmp_path, capsys):
+    """The implementations compute the same numbers, so a run may continue with a faster one."""
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(config_file), "--run-dir", str(run), "--routing-impl", "fused",
+                 "--max-steps", "5"]) == 0  # fmt: skip
+    assert main(["train", "--resume", str(run), "--routing-impl", "naive", "--max-steps", "10"]) == 0
+    last = load_checkpoint(run / "last.pt")
+    assert last["state"]["step"] == 10
+    assert last["model_config"]["routing"]["implementation"] == "naive"
+    assert 'routing_impl = "naive"' in (run / "config.toml").read_text()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--iters", "3", "--max-steps", "12"]) == 2  # not a free choice
+    assert "cannot change --iters" in capsys.readouterr().err

@@ -46,7 +46,8 @@ CONFIG_SUFFIXES: tuple[str, ...] = (".toml", ".yaml", ".yml", ".json")
 #: Options that may differ from the saved configuration when a run is resumed.
 RESUMABLE_CHANGES: frozenset[str] = frozenset(
     {"epochs", "max_steps", "max_minutes", "workers", "device", "log_every", "histogram_every", "checkpoint_every",
-     "val_every", "val_every_steps", "val_batch_size", "progress", "data_root", "compile", "allocator", "deterministic"}
+     "val_every", "val_every_steps", "val_batch_size", "progress", "data_root", "compile", "allocator", "deterministic",
+     "routing_impl"}  # the routing implementations compute the same numbers
 )
 
 

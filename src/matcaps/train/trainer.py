@@ -55,6 +55,14 @@ SECONDS_PER_MINUTE = 60.0
 StepHook = Callable[["Trainer"], None]
 
 
+def _without_implementation(model_config: dict[str, Any]) -> dict[str, Any]:
+    """A network's configuration without its routing implementation (all compute the same numbers)."""
+    routing = model_config.get("routing")
+    if isinstance(routing, dict):
+        model_config = {**model_config, "routing": {k: v for k, v in routing.items() if k != "implementation"}}
+    return model_config
+
+
 class Trainer:
     """Trains a :class:`CapsNet` on a dataset, writing a run directory on the main process.
 
@@ -183,7 +191,7 @@ class Trainer:
             saved_model = model_config_from_dict(payload["model_config"]).to_dict()
         except (ConfigError, TypeError) as error:
             raise CheckpointError(f"the checkpoint's model configuration is invalid: {error}") from None
-        if saved_model != self.model_config.to_dict():
+        if _without_implementation(saved_model) != _without_implementation(self.model_config.to_dict()):
             raise CheckpointError("the checkpoint's model differs from the configured one")
         try:
             self.model.load_state_dict(payload["model"])
