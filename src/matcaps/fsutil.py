@@ -24,27 +24,16 @@ def fsync_directory(path: Path | str) -> None:
 
 
 def write_text_atomic(path: Path | str, text: str) -> None:
-    """Replace ``path`` by a file holding ``text`` (UTF-8) so that a crash leaves the old or the new file.
-
-    The text goes to a temporary file in the same directory, is flushed to disk and
-    renamed over ``path``; the new file gets the mode an ordinary new file would.
-    """
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
+    """Replace ``path`` by a file holding ``text`` (UTF-8); see :func:`write_bytes_atomic`."""
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_bytes_atomic(path: Path | str, data: bytes) -> None:
-    """Like :func:`write_text_atomic`, for bytes (e.g. a PNG)."""
+    """Replace ``path`` by a file holding ``data`` so that a crash leaves the old or the new file.
+
+    The data go to a temporary file in the same directory, are flushed to disk and renamed
+    over ``path``; the new file gets the mode an ordinary new file would.
+    """
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

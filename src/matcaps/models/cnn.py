@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from matcaps.errors import ConfigError
 from matcaps.layers import InputNorm
+from matcaps.models.fields import reject_unknown
 
 #: Name under which this architecture is chosen (``--model cnn-baseline``) and saved.
 CNN_BASELINE = "cnn-baseline"
@@ -80,10 +81,7 @@ class CNNBaselineConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "CNNBaselineConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown option(s) of the CNN baseline: {', '.join(unknown)}")
+        reject_unknown(cls, values, "option(s) of the CNN baseline")
         return cls(**values)
 
 

@@ -10,6 +10,7 @@ from typing import Any, Union
 from matcaps.errors import ConfigError
 from matcaps.layers.init import BETA_A_INIT_MEAN, BETA_A_INIT_STD, TRANSFORM_INIT_STD
 from matcaps.models.cnn import CNN_BASELINE, CNNBaselineConfig
+from matcaps.models.fields import reject_unknown
 from matcaps.routing import EMRoutingConfig
 
 
@@ -95,16 +96,10 @@ class CapsNetConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "CapsNetConfig":
         """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError`."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown model option(s): {', '.join(unknown)}")
+        reject_unknown(cls, values, "model option(s)")
         values = dict(values)
         if isinstance(values.get("routing"), dict):
-            routing_known = {f.name for f in dataclasses.fields(EMRoutingConfig)}
-            routing_unknown = sorted(set(values["routing"]) - routing_known)
-            if routing_unknown:
-                raise ConfigError(f"unknown routing option(s): {', '.join(routing_unknown)}")
+            reject_unknown(EMRoutingConfig, values["routing"], "routing option(s)")
             values["routing"] = EMRoutingConfig(**values["routing"])
         return cls(**values)
 
