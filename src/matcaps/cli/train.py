@@ -201,19 +201,15 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 def run_command(args: argparse.Namespace) -> int:
     """Train (or resume) as the options say; returns 0."""
     from matcaps.allocator import apply_allocator
-    from matcaps.data import DataConfig, load_splits
+    from matcaps.data import load_splits
     from matcaps.models import CapsNetConfig
-    from matcaps.train.config import resolve_model_config
+    from matcaps.train.config import data_config, resolve_model_config
     from matcaps.distributed import setup_distributed, teardown_distributed
     from matcaps.train.run import describe_progress, train_run
 
     config = resolve_config(args)
     allocator = apply_allocator(config.allocator)  # before the data and the network are allocated
-    data_config = DataConfig(
-        dataset=config.dataset, root=Path(config.data_root), split=config.split, val_instances=config.val_instances,
-        val_size=config.val_size, validation=config.validation, seed=config.seed,
-    )  # fmt: skip
-    splits = load_splits(data_config)  # fails early (one line) if the data are not prepared
+    splits = load_splits(data_config(config))  # fails early (one line) if the data are not prepared
     info = splits.info
     model_config = resolve_model_config(config, info.num_classes, info.image_size, info.channels)
     if args.resume is None and isinstance(model_config, CapsNetConfig):  # record what the defaults resolved to
