@@ -143,7 +143,7 @@ def test_canvas_places_digits_at_random_for_training_and_centred_for_evaluation(
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"dataset": "smallnorb", "split": "affine"}, "split 'affine' transforms MNIST-like digits"),
+    ({"dataset": "smallnorb", "split": "affine"}, "split .affine. transforms MNIST-like digits .mnist, fashion-mnist., not smallnorb"),
     ({"dataset": "mnist", "canvas": 20}, "canvas must be an integer of at least 28"),
     ({"dataset": "smallnorb", "canvas": 40}, "canvas applies to MNIST-like digits"),
     ({"dataset": "mnist", "test_viewpoints": "familiar"}, "familiar test viewpoints need the azimuth or elevation"),
@@ -151,3 +151,25 @@ def test_canvas_places_digits_at_random_for_training_and_centred_for_evaluation(
 def test_bad_options(changes, message):
     with pytest.raises(ConfigError, match=message):
         DataConfig(**changes)
+
+
+def test_a_network_trained_on_a_40_canvas_is_tested_on_the_40_affine_split(digits_root, tmp_path, single_thread):
+    import json
+
+    from matcaps.cli import main
+    from matcaps.evaluate import load_for_testing
+
+    run = tmp_path / "padded"
+    assert main(["train", "--dataset", "mnist", "--data-root", str(digits_root), "--canvas", "40", "--model",
+                 "cnn-baseline", "--model-option", "hidden_units=16", "--val-size", "10", "--batch-size", "10",
+                 "--max-steps", "4", "--run-dir", str(run), "--no-progress", "--workers", "0"]) == 0  # fmt: skip
+    assert json.loads((run / "run.json").read_text())["model_config"]["image_size"] == 40
+    assert main(["test", str(run), "--split", "affine", "--no-progress", "--workers", "0"]) == 0
+    report = json.loads((run / "test-affine-best.json").read_text())
+    assert (report["split"], report["num_images"], report["affine_seed"]) == ("affine", TEST_DIGITS, 0)
+    loaded = load_for_testing(run, split="affine", device="cpu")
+    images = torch.stack([loaded.test_set[i][0] for i in range(TEST_DIGITS)])
+    assert images.shape == (TEST_DIGITS, 1, 40, 40)
+    with torch.no_grad():
+        predictions = loaded.model(images).scores.argmax(1).numpy()
+    assert report["accuracy"] == float(np.mean(predictions == loaded.test_set.labels))

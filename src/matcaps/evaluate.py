@@ -45,6 +45,7 @@ class TestReport:
         per_class_accuracy: Recall of each class, by name.
         confusion_matrix: ``K × K`` counts, rows = true class, columns = predicted.
         crops: Windows per image whose class scores were averaged (1 or 13).
+        affine_seed: Seed of the ``affine`` test set (None for other splits).
     """
 
     dataset: str
@@ -60,6 +61,7 @@ class TestReport:
     per_class_accuracy: dict[str, float]
     confusion_matrix: list[list[int]]
     crops: int = 1
+    affine_seed: int | None = None
     evaluated: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
     def to_dict(self) -> dict:
@@ -186,6 +188,7 @@ def evaluate_checkpoint(
         error_rate=1.0 - counts.accuracy, loss=counts.loss, class_names=names,
         per_class_accuracy=dict(zip(names, counts.per_class_accuracy())),
         confusion_matrix=counts.confusion.tolist(), crops=crops,
+        affine_seed=affine_seed if loaded.split == "affine" else None,
     )  # fmt: skip
 
 

@@ -63,6 +63,8 @@ SPLIT_KINDS: tuple[str, ...] = ("standard", "azimuth", "elevation", "affine")
 VIEWPOINT_SPLITS: tuple[str, ...] = ("azimuth", "elevation")
 #: Accepted values of :attr:`DataConfig.test_viewpoints`.
 TEST_VIEWPOINTS: tuple[str, ...] = ("novel", "familiar")
+#: Datasets of grey 28×28 digits-like images: the ``affine`` split and ``canvas`` apply to them.
+DIGIT_DATASETS: tuple[str, ...] = ("mnist", "fashion-mnist")
 
 #: Degrees per NORB azimuth code step (codes 0, 2, .., 34 → 0, 20, .., 340°).
 AZIMUTH_DEG_PER_CODE = 10
@@ -127,8 +129,9 @@ class DataConfig:
             raise ConfigError(f"unknown split {self.split!r}; choose one of {', '.join(SPLIT_KINDS)}")
         if self.split in VIEWPOINT_SPLITS and self.dataset != "smallnorb":
             raise ConfigError(f"split {self.split!r} needs viewpoint information, which only smallnorb has")
-        if self.split == "affine" and self.dataset == "smallnorb":
-            raise ConfigError("split 'affine' transforms MNIST-like digits; smallnorb has viewpoint splits instead")
+        if self.split == "affine" and self.dataset not in DIGIT_DATASETS:
+            raise ConfigError(f"split 'affine' transforms MNIST-like digits ({', '.join(DIGIT_DATASETS)}), "
+                              f"not {self.dataset}")
         if self.val_size < 0:
             raise ConfigError(f"val_size must be >= 0, got {self.val_size}")
         if self.test_viewpoints not in TEST_VIEWPOINTS:
@@ -136,8 +139,8 @@ class DataConfig:
         if self.test_viewpoints != "novel" and self.split not in VIEWPOINT_SPLITS:
             raise ConfigError("familiar test viewpoints need the azimuth or elevation split")
         if self.canvas is not None:
-            if self.dataset == "smallnorb":
-                raise ConfigError("canvas applies to MNIST-like digits, not to smallnorb")
+            if self.dataset not in DIGIT_DATASETS:
+                raise ConfigError(f"canvas applies to MNIST-like digits, not to {self.dataset}")
             size = dataset_info(self.dataset).image_size
             if isinstance(self.canvas, bool) or not isinstance(self.canvas, int) or self.canvas < size:
                 raise ConfigError(f"canvas must be an integer of at least {size} (the image size), got {self.canvas!r}")
