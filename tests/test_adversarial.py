@@ -229,6 +229,10 @@ def test_attack_command_writes_the_table_json_and_plot_and_draws_several_runs(mn
     assert plot.stat().st_size > 10_000
     assert load_attack_report(cnn / "attack-standard-best.json").label == "CNN"
     assert load_attack_report(report_file).label == "caps"  # a report given again is drawn, not rewritten
+    # --output names the report (and the plot beside it)
+    assert main(["attack", str(cnn), *arguments, "--methods", "fgsm", "--output", str(tmp_path / "fgsm.json")]) == 0
+    assert {r["method"] for r in load_attack_report(tmp_path / "fgsm.json").results} == {"fgsm"}
+    assert (tmp_path / "fgsm.png").is_file()
 
 
 @pytest.mark.parametrize("arguments, message", [
@@ -236,6 +240,7 @@ def test_attack_command_writes_the_table_json_and_plot_and_draws_several_runs(mn
     (["--limit", "0"], "--limit must be at least 1"),
     (["--labels", "a", "b"], "--labels names 2 target(s) but 1 were given"),
     (["--plot", "x.pdf"], "--plot must name a .png file"),
+    (["--output", "x.txt"], "--output names the .json report of one attacked target"),
     (["--split", "azimuth"], "needs viewpoint information"),
     (["--methods", "pgd"], "invalid choice: 'pgd'"),
 ])  # fmt: skip

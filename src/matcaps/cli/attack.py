@@ -51,6 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=int, help="attack a seeded random subset of this many test images (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset and of the targets (default: 0)")
     parser.add_argument("--labels", nargs="+", help="names of the targets in the table and plot (default: run names)")
+    parser.add_argument("--output", type=Path, metavar="JSON",
+                        help="report file of the one target attacked (default: attack-SPLIT-CHECKPOINT.json next to "
+                             "its checkpoint)")
     parser.add_argument("--plot", type=Path, metavar="PNG",
                         help="plot file (default for one target: attack-SPLIT-CHECKPOINT.png next to the report; "
                              "required for several)")
@@ -91,6 +94,8 @@ def run_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"--labels names {len(args.labels)} target(s) but {len(args.targets)} were given")
     if len(args.targets) > 1 and args.plot is None:
         raise ConfigError("several targets are drawn on one plot: name it with --plot PNG")
+    if args.output is not None and (len(args.targets) > 1 or args.output.suffix.lower() != REPORT_SUFFIX):
+        raise ConfigError(f"--output names the {REPORT_SUFFIX} report of one attacked target, got {args.output}")
     if args.plot is not None and args.plot.suffix.lower() != ".png":
         raise ConfigError(f"--plot must name a .png file, got {args.plot}")
     for target in args.targets:
@@ -109,7 +114,7 @@ def run_command(args: argparse.Namespace) -> int:
             loaded = load_for_testing(target, args.checkpoint, args.split, args.data_root, args.device)
             report = attack_checkpoint(loaded, settings, batch_size=args.batch_size, workers=args.workers,
                                        progress=args.progress, label=label)  # fmt: skip
-            json_path = save_attack_report(report)
+            json_path = save_attack_report(report, args.output)
             print(f"saved {json_path}")
         print(format_attack_report(report))
         reports.append(report)
