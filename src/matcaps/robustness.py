@@ -226,17 +226,17 @@ def attack_checkpoint(
         from tqdm.auto import tqdm
 
         batches = tqdm(loader, desc=f"attack {loaded.split}", leave=False, dynamic_ncols=True)
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return attacked_model(images).argmax(dim=1)
+
     start = 0
     for pixels, labels in batches:
         pixels = pixels.to(loaded.device)
         labels = labels.to(loaded.device).long()
         targets = torch.as_tensor(targets_all[start : start + len(labels)], device=loaded.device).long()
         start += len(labels)
-
-        def predict(images: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                return attacked_model(images).argmax(dim=1)
-
         clean_predictions = predict(pixels)
         clean_correct += int((clean_predictions == labels).sum())
         for mode in settings.modes:
