@@ -128,3 +128,23 @@ def test_pretrained_network_scores_its_recorded_test_accuracy(name, real_test_se
     assert counts.total == entry.test_images
     assert int(counts.confusion.diagonal().sum()) == entry.test_correct
     assert counts.accuracy == pytest.approx(entry.test_accuracy, abs=5e-5)
+
+
+def test_attack_takes_a_pretrained_name_and_reports_in_the_current_directory(tmp_path, monkeypatch, capsys):
+    from data_fixtures import write_tiny_mnist
+
+    from matcaps.data import prepare
+    from matcaps.models.weights import pretrained_checkpoint
+
+    root = tmp_path / "data"
+    write_tiny_mnist(root, n_train=20, n_test=12)
+    prepare("mnist", root, download=False, progress=False, verify=False)
+    monkeypatch.chdir(tmp_path)
+    package_files = set(pretrained_checkpoint("mnist").parent.iterdir())
+    argv = ["attack", "mnist", "--data-root", str(root), "--methods", "fgsm", "--modes", "untargeted",
+            "--eps", "0", "0.1", "--limit", "8", "--no-progress", "--device", "cpu"]
+    assert main(argv) == 0
+    reports = list(tmp_path.glob("attack-standard-*.json"))
+    assert len(reports) == 1 and reports[0].with_suffix(".png").stat().st_size > 0
+    assert set(pretrained_checkpoint("mnist").parent.iterdir()) == package_files  # nothing written into the package
+    assert "mnist" in capsys.readouterr().out

@@ -2,11 +2,13 @@
 
 ``matcaps test RUN_DIR`` calls :func:`evaluate_checkpoint`, prints :func:`format_report`
 and writes, next to the checkpoint, ``test-<split>-<checkpoint>.json`` and the confusion
-matrix as ``confusion-<split>-<checkpoint>.png``.
+matrix as ``confusion-<split>-<checkpoint>.png`` (``-13crops`` added with multi-crop scoring).
+:func:`load_for_testing` gives the network and its test set to other evaluations (attacks).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -15,11 +17,13 @@ from pathlib import Path
 
 import torch
 
-from matcaps.data import DataConfig, load_splits
+from matcaps.data import CachedImageDataset, DatasetInfo, load_splits
+from matcaps.data.affine import AFFINE_SEED
+from matcaps.data.crops import MultiCropTransform, crop_offsets
 from matcaps.errors import CheckpointError
-from matcaps.models import build_model, model_config_from_dict
+from matcaps.models import ModelConfig, build_model, model_config_from_dict
 from matcaps.train.checkpoint import load_checkpoint, resolve_checkpoint
-from matcaps.train.config import TrainConfig
+from matcaps.train.config import TrainConfig, data_config
 from matcaps.distributed import resolve_device
 from matcaps.train.run import epoch_of_last_step
 from matcaps.scoring import evaluate_model
@@ -40,6 +44,8 @@ class TestReport:
         class_names: ``K`` names, index = label.
         per_class_accuracy: Recall of each class, by name.
         confusion_matrix: ``K × K`` counts, rows = true class, columns = predicted.
+        crops: Windows per image whose class scores were averaged (1 or 13).
+        affine_seed: Seed of the ``affine`` test set (None for other splits).
     """
 
     dataset: str
@@ -54,12 +60,85 @@ class TestReport:
     class_names: list[str]
     per_class_accuracy: dict[str, float]
     confusion_matrix: list[list[int]]
+    crops: int = 1
+    affine_seed: int | None = None
     evaluated: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
     def to_dict(self) -> dict:
         values = asdict(self)
         values["per_class_accuracy"] = {k: (None if math.isnan(v) else v) for k, v in self.per_class_accuracy.items()}
         return values
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A trained network ready to score, with the test set it is scored on.
+
+    Attributes:
+        path: The checkpoint file.
+        config: The run's training configuration.
+        model_config: The network's configuration.
+        model: The network, on ``device``, in evaluation mode.
+        test_set: Items ``(image (C, S, S), label)`` of the chosen test split.
+        info: Facts about the dataset (class names, input size).
+        split: The test split's name.
+        step, epoch: Training progress stored in the checkpoint (epoch counted from 1).
+        device: Where the network is.
+    """
+
+    path: Path
+    config: TrainConfig
+    model_config: ModelConfig
+    model: torch.nn.Module
+    test_set: CachedImageDataset
+    info: DatasetInfo
+    split: str
+    step: int
+    epoch: int
+    device: torch.device
+
+
+def load_for_testing(
+    target: str | Path,
+    which: str = "best",
+    split: str | None = None,
+    data_root: str | Path | None = None,
+    device: str = "auto",
+    viewpoints: str = "novel",
+    affine_seed: int = AFFINE_SEED,
+) -> LoadedCheckpoint:
+    """Load the checkpoint ``target`` (a run directory + ``which``, or a ``.pt`` file) and its test set.
+
+    Args:
+        target: Run directory or checkpoint file.
+        which: ``best`` or ``last`` (for a run directory).
+        split: ``standard``, ``azimuth``, ``elevation`` or ``affine`` (default: the one trained on).
+        data_root: Where the prepared data are (default: the training run's).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        viewpoints: With a viewpoint split, the ``novel`` or ``familiar`` test viewpoints.
+        affine_seed: Seed of the ``affine`` test set.
+    """
+    path = resolve_checkpoint(target, which)
+    payload = load_checkpoint(path)
+    try:
+        config = TrainConfig.from_dict(payload["config"], f"checkpoint {path}")
+        model_config = model_config_from_dict(payload["model_config"])
+    except KeyError as error:
+        raise CheckpointError(f"checkpoint {path} lacks {error}") from None
+    changes = {"root": Path(data_root)} if data_root is not None else {}
+    data = data_config(config, split=split or config.split, validation=False, test_viewpoints=viewpoints,
+                       affine_seed=affine_seed, **changes)  # fmt: skip
+    splits = load_splits(data)
+    torch_device = resolve_device(device)
+    model = build_model(model_config)
+    model.load_state_dict(payload["model"])
+    model.to(torch_device).eval()
+    state = payload.get("state", {})
+    split_name = data.split if data.test_viewpoints == "novel" else f"{data.split}-familiar"
+    return LoadedCheckpoint(
+        path=path, config=config, model_config=model_config, model=model, test_set=splits.test, info=splits.info,
+        split=split_name, step=int(state.get("step", 0)), epoch=epoch_of_last_step(state), device=torch_device,
+    )  # fmt: skip
 
 
 def evaluate_checkpoint(
@@ -71,48 +150,45 @@ def evaluate_checkpoint(
     device: str = "auto",
     workers: int = 2,
     progress: bool = True,
+    crops: int = 1,
+    viewpoints: str = "novel",
+    affine_seed: int = AFFINE_SEED,
 ) -> TestReport:
     """Score the checkpoint ``target`` (a run directory + ``which``, or a ``.pt`` file) on its test set.
 
     Args:
         target: Run directory or checkpoint file.
         which: ``best`` or ``last`` (for a run directory).
-        split: ``standard``, ``azimuth`` or ``elevation`` (default: the one trained on).
+        split: ``standard``, ``azimuth``, ``elevation`` or ``affine`` (default: the one trained on).
         data_root: Where the prepared data are (default: the training run's).
-        batch_size: Images per forward pass.
+        batch_size: Images per forward pass (each crop counts as an image).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         workers: Data-loader workers.
         progress: Show a progress bar.
+        crops: 1, or 13: average the class scores of the centre crop and 12 diagonal shifts
+            (:mod:`matcaps.data.crops`).
+        viewpoints: With a viewpoint split, score the ``novel`` or the ``familiar`` test viewpoints.
+        affine_seed: Seed of the ``affine`` test set.
     """
-    path = resolve_checkpoint(target, which)
-    payload = load_checkpoint(path)
-    try:
-        config = TrainConfig.from_dict(payload["config"], f"checkpoint {path}")
-        model_config = model_config_from_dict(payload["model_config"])
-    except KeyError as error:
-        raise CheckpointError(f"checkpoint {path} lacks {error}") from None
-    data_config = DataConfig(
-        dataset=config.dataset, root=Path(data_root if data_root is not None else config.data_root),
-        split=split or config.split, validation=False, seed=config.seed, folder=config.folder_options(),
-    )  # fmt: skip
-    splits = load_splits(data_config)
-    torch_device = resolve_device(device)
-    model = build_model(model_config)
-    model.load_state_dict(payload["model"])
-    model.to(torch_device)
-    state = payload.get("state", {})
-    step = int(state.get("step", 0))
+    offsets = crop_offsets(crops)
+    loaded = load_for_testing(target, which, split, data_root, device, viewpoints, affine_seed)
+    test_set = loaded.test_set
+    if crops > 1:
+        test_set = copy.copy(test_set)
+        test_set.transform = MultiCropTransform(test_set.transform, offsets)
     counts = evaluate_model(
-        model, splits.test, model_config.num_classes, batch_size=batch_size, margin=config.margin_schedule()(step),
-        device=torch_device, workers=workers, progress=progress, description=f"test {data_config.split}",
+        loaded.model, test_set, loaded.model_config.num_classes, batch_size=max(1, batch_size // len(offsets)),
+        margin=loaded.config.margin_schedule()(loaded.step), device=loaded.device, workers=workers,
+        progress=progress, description=f"test {loaded.split}",
     )  # fmt: skip
-    names = list(splits.info.class_names)
+    names = list(loaded.info.class_names)
     return TestReport(
-        dataset=config.dataset, split=data_config.split, checkpoint=str(path), step=step,
-        epoch=epoch_of_last_step(state), num_images=counts.total, accuracy=counts.accuracy,
+        dataset=loaded.config.dataset, split=loaded.split, checkpoint=str(loaded.path), step=loaded.step,
+        epoch=loaded.epoch, num_images=counts.total, accuracy=counts.accuracy,
         error_rate=1.0 - counts.accuracy, loss=counts.loss, class_names=names,
         per_class_accuracy=dict(zip(names, counts.per_class_accuracy())),
-        confusion_matrix=counts.confusion.tolist(),
+        confusion_matrix=counts.confusion.tolist(), crops=crops,
+        affine_seed=affine_seed if loaded.split == "affine" else None,
     )  # fmt: skip
 
 
@@ -121,7 +197,8 @@ def format_report(report: TestReport) -> str:
     names = report.class_names
     width = max(8, *(len(n) for n in names))
     lines = [
-        f"{report.dataset} {report.split} test set, {report.num_images} images, checkpoint {report.checkpoint} "
+        f"{report.dataset} {report.split} test set, {report.num_images} images"
+        f"{f' ({report.crops} crops each)' if report.crops > 1 else ''}, checkpoint {report.checkpoint} "
         f"(step {report.step}, epoch {report.epoch}): accuracy {report.accuracy:.4f} "
         f"(error {100 * report.error_rate:.2f} %), loss {report.loss:.4f}",
         "per-class accuracy:",
@@ -151,7 +228,8 @@ def plot_confusion(report: TestReport, path: str | Path) -> Path:
     axes.set_yticks(ticks, report.class_names)
     axes.set_xlabel("predicted class")
     axes.set_ylabel("true class")
-    axes.set_title(f"{report.dataset} {report.split} test set, {Path(report.checkpoint).name} "
+    crops = f", {report.crops} crops" if report.crops > 1 else ""
+    axes.set_title(f"{report.dataset} {report.split} test set{crops}, {Path(report.checkpoint).name} "
                    f"(step {report.step}, epoch {report.epoch})\naccuracy {100 * report.accuracy:.2f} %")
     for row in ticks:
         for column in ticks:
@@ -169,7 +247,7 @@ def save_report(report: TestReport, directory: str | Path | None = None) -> tupl
     """Write ``test-<split>-<checkpoint>.json`` and ``confusion-<split>-<checkpoint>.png``; returns both paths."""
     checkpoint = Path(report.checkpoint)
     directory = Path(directory) if directory is not None else checkpoint.parent
-    stem = f"{report.split}-{checkpoint.stem}"
+    stem = f"{report.split}-{checkpoint.stem}" + (f"-{report.crops}crops" if report.crops > 1 else "")
     json_path, png_path = directory / f"test-{stem}.json", directory / f"confusion-{stem}.png"
     plot_confusion(report, png_path)
     values = {**report.to_dict(), "confusion_png": str(png_path)}

@@ -84,7 +84,8 @@ def evaluate_model(
 
     Args:
         model: Returns a :class:`~matcaps.models.CapsNetOutput` for ``(N, 1, S, S)`` images.
-        dataset: Items ``(image (1, S, S), label)``.
+        dataset: Items ``(image (C, S, S), label)``, or ``(views (V, C, S, S), label)``: the class scores of
+            the ``V`` views of an image (multi-crop evaluation) are averaged.
         num_classes: ``K``.
         batch_size: Images per forward pass.
         margin: Margin of the reported spread loss (capsule networks).
@@ -114,7 +115,10 @@ def evaluate_model(
             images = images.to(device, dtype=dtype, non_blocking=True)
             labels = labels.to(device, non_blocking=True).long().view(-1)
             with autocast_context(device, precision):
-                scores = model(images).scores.to(torch.promote_types(dtype, torch.float32))
+                scores = model(images.flatten(0, 1) if images.dim() == 5 else images).scores
+            scores = scores.to(torch.promote_types(dtype, torch.float32))
+            if images.dim() == 5:  # (N, V, C, S, S): V views (crops) of each image, their scores averaged
+                scores = scores.view(images.shape[0], images.shape[1], -1).mean(dim=1)
             predictions = scores.argmax(dim=1)
             confusion += torch.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes)
             loss_sum += classification_loss(loss_kind, scores, labels, margin).double() * labels.numel()

@@ -28,8 +28,8 @@ from matcaps.data.sources import dataset_info, stored_image_size
 from matcaps.data.splits import dataset_transforms
 from matcaps.errors import CheckpointError
 from matcaps.models import CapsNet, ModelConfig, build_model, model_config_from_dict
-from matcaps.models.weights import PretrainedWeights, pretrained_checkpoint, pretrained_names, pretrained_weights
-from matcaps.train.checkpoint import load_checkpoint, resolve_checkpoint
+from matcaps.models.weights import PretrainedWeights
+from matcaps.train.checkpoint import load_checkpoint, resolve_target
 from matcaps.train.config import TrainConfig
 
 
@@ -76,23 +76,6 @@ class TrainedNetwork:
         if self.pretrained is not None:
             return self.pretrained.describe()
         return f"{self.checkpoint} ({self.dataset}, step {self.step})"
-
-
-def resolve_target(target: str | Path, which: str = "best") -> tuple[Path, PretrainedWeights | None]:
-    """The checkpoint file meant by ``target`` and, for a pretrained name, its registry entry.
-
-    An existing file or directory wins over a pretrained name.
-
-    Raises:
-        CheckpointError: ``target`` is none of the three (the message lists the pretrained names).
-    """
-    path = Path(target)
-    if path.exists():
-        return resolve_checkpoint(path, which), None
-    if str(target) in pretrained_names():
-        return pretrained_checkpoint(str(target)), pretrained_weights(str(target))
-    raise CheckpointError(f"{target} is neither a run directory nor a checkpoint file nor a pretrained network "
-                          f"(pretrained: {', '.join(pretrained_names())})")
 
 
 def load_trained(target: str | Path, which: str = "best", device: str | torch.device = "cpu") -> TrainedNetwork:

@@ -19,7 +19,7 @@ from matcaps import __version__
 from matcaps.errors import MatcapsError
 
 #: Sub-command modules, in the order ``matcaps --help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("data", "train", "test", "predict", "show", "plot", "bench")
+COMMAND_MODULES: tuple[str, ...] = ("data", "train", "test", "predict", "show", "attack", "viewpoints", "plot", "bench")
 
 #: Exit code for errors caused by the user's input (argparse uses the same).
 USAGE_ERROR_EXIT_CODE = 2

@@ -27,8 +27,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "report goes to the current directory and its data are looked for in data/)")
     parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
                         help="which checkpoint of a run directory (default: best, by validation accuracy)")
-    parser.add_argument("--split", choices=("standard", "azimuth", "elevation"),
-                        help="test set: standard, or the novel viewpoints of smallNORB (default: the training split)")
+    parser.add_argument("--split", choices=("standard", "azimuth", "elevation", "affine"),
+                        help="test set: standard; the novel viewpoints of smallNORB; affine: every MNIST-like test "
+                             "digit under a seeded random affine transformation, affNIST-style (default: the "
+                             "training split)")
+    parser.add_argument("--viewpoints", choices=("novel", "familiar"), default="novel",
+                        help="with --split azimuth/elevation: score the novel (default) or the familiar viewpoints")
+    parser.add_argument("--affine-seed", type=int, default=0, help="seed of the affine test set (default: 0)")
+    parser.add_argument("--crops", type=int, choices=(1, 13), default=1,
+                        help="1, or 13: average the class scores of the centre crop and the crops moved by "
+                             "±1, ±2, ±3 pixels along both diagonals (the official smallNORB release's; default: 1)")
     parser.add_argument("--data-root", type=Path, help="prepared data directory (default: the run's)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
@@ -69,6 +77,7 @@ def run_command(args: argparse.Namespace) -> int:
         report = evaluate_checkpoint(
             target, which=args.checkpoint, split=args.split, data_root=data_root,
             batch_size=args.batch_size, device=args.device, workers=args.workers, progress=args.progress,
+            crops=args.crops, viewpoints=args.viewpoints, affine_seed=args.affine_seed,
         )  # fmt: skip
     except DamagedCheckpointError as error:
         if error.alternative is None:

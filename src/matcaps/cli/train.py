@@ -201,20 +201,16 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 def run_command(args: argparse.Namespace) -> int:
     """Train (or resume) as the options say; returns 0."""
     from matcaps.allocator import apply_allocator
-    from matcaps.data import DataConfig, load_splits
+    from matcaps.data import load_splits
     from matcaps.models import CapsNetConfig
-    from matcaps.train.config import resolve_model_config
+    from matcaps.train.checkpoint import read_initial_weights
+    from matcaps.train.config import data_config, resolve_model_config
     from matcaps.distributed import setup_distributed, teardown_distributed
     from matcaps.train.run import describe_progress, train_run
 
     config = resolve_config(args)
     allocator = apply_allocator(config.allocator)  # before the data and the network are allocated
-    data_config = DataConfig(
-        dataset=config.dataset, root=Path(config.data_root), split=config.split, val_instances=config.val_instances,
-        val_size=config.val_size, validation=config.validation, seed=config.seed,
-        folder=config.folder_options(),
-    )  # fmt: skip
-    splits = load_splits(data_config)  # fails early (one line) if the data are not prepared
+    splits = load_splits(data_config(config))  # fails early (one line) if the data are not prepared
     report_skipped_images(splits)
     info = splits.info
     model_config = resolve_model_config(config, info.num_classes, info.image_size, info.channels)
@@ -223,6 +219,8 @@ def run_command(args: argparse.Namespace) -> int:
             model=config.model or default_model_name(config.dataset), iters=model_config.routing.iterations,
             routing_impl=model_config.routing.implementation,
         )  # fmt: skip
+    if args.resume is None and config.init_from is not None:  # before the run directory is made
+        read_initial_weights(config.init_from, model_config.to_dict())
     context = setup_distributed(config.device)
     try:
         run_dir = Path(args.resume) if args.resume is not None else _agree_on_run_dir(args, config, context)

@@ -62,6 +62,8 @@ class CachedImageDataset(Dataset):
         seed: run seed mixed into every sample's generator.
         metadata: optional ``(N,)`` arrays per field (e.g. smallNORB's ``instance``,
             ``elevation_deg``, ``azimuth_deg``, ``lighting``) of the whole split.
+        views: consecutive cached rows that make one item, stacked as channels: 1, or 2 for
+            smallNORB's stereo pairs (rows ``2i`` and ``2i + 1``; ``rows`` then lists the ``2i``).
 
     Attributes:
         labels: ``(M,)`` int64 numpy array, the label of every item.
@@ -77,8 +79,10 @@ class CachedImageDataset(Dataset):
         transform: Callable[..., torch.Tensor],
         seed: int = 0,
         metadata: dict[str, np.ndarray] | None = None,
+        views: int = 1,
     ) -> None:
         self.images_path = Path(images_path)
+        self.views = int(views)
         self.rows = np.asarray(rows, dtype=np.int64)
         self.labels = np.asarray(all_labels, dtype=np.int64)[self.rows]
         self.transform = transform
@@ -115,7 +119,8 @@ class CachedImageDataset(Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
         row = int(self.rows[index])
-        image = np.array(self.images()[row])  # copy out of the memmap
+        # copy out of the memmap: (H, W), or (views, H, W) stacked as channels
+        image = np.array(self.images()[row]) if self.views == 1 else np.array(self.images()[row : row + self.views])
         generator = sample_generator(self.seed, self.epoch, row) if getattr(self.transform, "random", False) else None
         return self.transform(image, generator), torch.tensor(self.labels[index], dtype=torch.int64)
 

@@ -23,7 +23,18 @@ objects stay disjoint, as in the standard split), filtered by viewpoint:
   highest (45..70°).
 
 Validation comes from the (viewpoint-filtered) training images, by instance as above,
-so it shows *familiar* viewpoints of unseen objects.
+so it shows *familiar* viewpoints of unseen objects.  ``test_viewpoints="familiar"`` scores
+the test file's images at the training viewpoints instead of the novel ones (Hinton et al.'s
+Table 2 matches the networks on that error before comparing novel-viewpoint errors).
+
+``split="affine"`` (MNIST-like datasets): the standard training and validation sets, and as test
+set every test digit under a seeded random affine transformation (:mod:`matcaps.data.affine`,
+affNIST-style; ``affine_seed``).
+
+Options of the input: ``canvas`` places MNIST-like digits on a larger black canvas (Sabour et
+al.'s 40×40 padded MNIST: random positions for training, centred for validation and test);
+``stereo`` feeds smallNORB's two stereo views of a pair as one 2-channel image (24,300 items per
+split, the authors' own recipe) instead of two separate samples (48,600, IBM's).
 
 NORB info coding: elevation code ``e`` in 0..8 is ``30 + 5e`` degrees; azimuth code ``a``
 in 0, 2, .., 34 is ``10a`` degrees.
@@ -31,6 +42,7 @@ in 0, 2, .., 34 is ``10a`` degrees.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -39,14 +51,21 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from matcaps.errors import ConfigError, DataFormatError, DatasetNotFoundError
-from matcaps.data.cache import NORB_INFO_COLUMNS, cache_dir, read_manifest
+from matcaps.data.affine import AFFINE_SEED, AffineDigitsTransform
+from matcaps.data.cache import NORB_INFO_COLUMNS, NORB_STEREO, cache_dir, read_manifest
 from matcaps.data.datasets import CachedImageDataset
 from matcaps.data.folders import FOLDER_DATASET, FolderOptions, load_folder
 from matcaps.data.sources import DatasetInfo, check_dataset_name, dataset_info
 from matcaps.data.transforms import DigitsTransform, NorbTransform
 
 #: Accepted values of :attr:`DataConfig.split`.
-SPLIT_KINDS: tuple[str, ...] = ("standard", "azimuth", "elevation")
+SPLIT_KINDS: tuple[str, ...] = ("standard", "azimuth", "elevation", "affine")
+#: Splits that select viewpoints (smallNORB only).
+VIEWPOINT_SPLITS: tuple[str, ...] = ("azimuth", "elevation")
+#: Accepted values of :attr:`DataConfig.test_viewpoints`.
+TEST_VIEWPOINTS: tuple[str, ...] = ("novel", "familiar")
+#: Datasets of grey 28×28 digits-like images: the ``affine`` split and ``canvas`` apply to them.
+DIGIT_DATASETS: tuple[str, ...] = ("mnist", "fashion-mnist")
 
 #: Degrees per NORB azimuth code step (codes 0, 2, .., 34 → 0, 20, .., 340°).
 AZIMUTH_DEG_PER_CODE = 10
@@ -85,6 +104,11 @@ class DataConfig:
         validation: hold out a validation set at all.
         seed: seeds the MNIST hold-out and every training augmentation.
         folder: how image folders are read and split (``dataset="folder"`` only).
+        test_viewpoints: with a viewpoint split, test on the ``"novel"`` viewpoints (default) or on
+            the ``"familiar"`` (training) ones.
+        affine_seed: seeds the transformations of the ``"affine"`` test set.
+        canvas: MNIST-like: side of the black canvas each digit is placed on (None: 28×28 as is).
+        stereo: smallNORB: one 2-channel item per stereo pair instead of one item per view.
     """
 
     dataset: str = "smallnorb"
@@ -95,6 +119,10 @@ class DataConfig:
     validation: bool = True
     seed: int = 0
     folder: FolderOptions = FolderOptions()
+    test_viewpoints: str = "novel"
+    affine_seed: int = AFFINE_SEED
+    canvas: int | None = None
+    stereo: bool = False
 
     def __post_init__(self) -> None:
         if self.dataset != FOLDER_DATASET:
@@ -105,10 +133,25 @@ class DataConfig:
         object.__setattr__(self, "val_instances", tuple(int(i) for i in self.val_instances))
         if self.split not in SPLIT_KINDS:
             raise ConfigError(f"unknown split {self.split!r}; choose one of {', '.join(SPLIT_KINDS)}")
-        if self.split != "standard" and self.dataset != "smallnorb":
+        if self.split in VIEWPOINT_SPLITS and self.dataset != "smallnorb":
             raise ConfigError(f"split {self.split!r} needs viewpoint information, which only smallnorb has")
+        if self.split == "affine" and self.dataset not in DIGIT_DATASETS:
+            raise ConfigError(f"split 'affine' transforms MNIST-like digits ({', '.join(DIGIT_DATASETS)}), "
+                              f"not {self.dataset}")
         if self.val_size < 0:
             raise ConfigError(f"val_size must be >= 0, got {self.val_size}")
+        if self.test_viewpoints not in TEST_VIEWPOINTS:
+            raise ConfigError(f"test viewpoints must be novel or familiar, got {self.test_viewpoints!r}")
+        if self.test_viewpoints != "novel" and self.split not in VIEWPOINT_SPLITS:
+            raise ConfigError("familiar test viewpoints need the azimuth or elevation split")
+        if self.canvas is not None:
+            if self.dataset not in DIGIT_DATASETS:
+                raise ConfigError(f"canvas applies to MNIST-like digits, not to {self.dataset}")
+            size = dataset_info(self.dataset).image_size
+            if isinstance(self.canvas, bool) or not isinstance(self.canvas, int) or self.canvas < size:
+                raise ConfigError(f"canvas must be an integer of at least {size} (the image size), got {self.canvas!r}")
+        if self.stereo and self.dataset != "smallnorb":
+            raise ConfigError("stereo applies to smallnorb's stereo pairs only")
 
 
 class DataSplits(NamedTuple):
@@ -154,7 +197,13 @@ def _viewpoint_masks(config: DataConfig, train: _Split, test: _Split) -> tuple[n
     else:
         return np.ones(len(train.labels), bool), np.ones(len(test.labels), bool)
     values = np.fromiter(familiar, dtype=np.int64)
-    return np.isin(train.metadata[key], values), ~np.isin(test.metadata[key], values)
+    test_familiar = np.isin(test.metadata[key], values)
+    return np.isin(train.metadata[key], values), test_familiar if config.test_viewpoints == "familiar" else ~test_familiar
+
+
+def _first_views(count: int) -> np.ndarray:
+    """Mask of the rows that start a stereo pair (``2i``) among ``count`` cached rows."""
+    return np.arange(count) % NORB_STEREO == 0
 
 
 def _hold_out(config: DataConfig, train: _Split, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -183,13 +232,12 @@ def _hold_out(config: DataConfig, train: _Split, candidates: np.ndarray) -> tupl
     return rest, val
 
 
-def dataset_transforms(name: str) -> tuple:
-    """The training and the evaluation transform of dataset ``name`` (validation, test, ``matcaps predict``)."""
-    if name == FOLDER_DATASET:
-        return DigitsTransform(train=True), DigitsTransform(train=False)
-    if check_dataset_name(name) == "smallnorb":
+def dataset_transforms(name: str, canvas: int | None = None) -> tuple:
+    """The training and the evaluation transform of dataset ``name`` (validation, test, ``matcaps predict``);
+    ``canvas``: MNIST-like digits placed on a black square of that side."""
+    if name != FOLDER_DATASET and check_dataset_name(name) == "smallnorb":
         return NorbTransform(train=True), NorbTransform(train=False)
-    return DigitsTransform(train=True), DigitsTransform(train=False)
+    return DigitsTransform(train=True, canvas=canvas), DigitsTransform(train=False, canvas=canvas)
 
 
 def load_splits(config: DataConfig) -> DataSplits:
@@ -213,17 +261,28 @@ def load_splits(config: DataConfig) -> DataSplits:
         raise DataFormatError(f"{error}; rebuild the cache with `{command} --force`") from error
     train, test = _load_split(cache, manifest, "train"), _load_split(cache, manifest, "test")
     train_mask, test_mask = _viewpoint_masks(config, train, test)
+    views = NORB_STEREO if config.stereo else 1
+    if config.stereo:
+        train_mask, test_mask = train_mask & _first_views(len(train_mask)), test_mask & _first_views(len(test_mask))
     candidates = np.flatnonzero(train_mask)
     train_rows, val_rows = _hold_out(config, train, candidates)
 
-    train_transform, eval_transform = dataset_transforms(name)
+    info = dataset_info(name)
+    train_transform, eval_transform = dataset_transforms(name, config.canvas)
+    if config.canvas is not None:
+        info = dataclasses.replace(info, image_size=config.canvas)
+    if config.stereo:
+        info = dataclasses.replace(info, channels=NORB_STEREO)
+    test_transform, test_seed = eval_transform, config.seed
+    if config.split == "affine":
+        test_transform, test_seed = AffineDigitsTransform(canvas=info.image_size), config.affine_seed
 
-    def make(split: _Split, rows: np.ndarray, transform) -> CachedImageDataset:
-        return CachedImageDataset(split.images_path, split.labels, rows, transform, config.seed, split.metadata)
+    def make(split: _Split, rows: np.ndarray, transform, seed: int = config.seed) -> CachedImageDataset:
+        return CachedImageDataset(split.images_path, split.labels, rows, transform, seed, split.metadata, views)
 
     return DataSplits(
         train=make(train, train_rows, train_transform),
         val=None if val_rows is None else make(train, val_rows, eval_transform),
-        test=make(test, np.flatnonzero(test_mask), eval_transform),
-        info=dataset_info(name),
+        test=make(test, np.flatnonzero(test_mask), test_transform, test_seed),
+        info=info,
     )

@@ -16,11 +16,19 @@ offset, i.e. it kept every second pixel; we prefer the box average.
 
 MNIST / Fashion-MNIST: ``/255`` → per-image standardisation, at 28×28, for training and
 evaluation alike (no augmentation, so nothing random); CIFAR-10 and image folders the same, in
-colour.
+colour.  With a ``canvas`` (Sabour et al. 2017: 40), the digit is first placed on a black
+``canvas × canvas`` image, at a uniformly random position for training and in the centre for
+evaluation.
 
-Every transform maps a ``(H, W)`` uint8 array to a ``(1, S, S)`` float32 tensor, or a colour
-``(H, W, C)`` one to ``(C, S, S)``, and takes an optional ``torch.Generator`` that is the only
-source of randomness.
+Every transform maps a ``(H, W)`` uint8 array to a ``(1, S, S)`` float32 tensor (a colour
+``(H, W, C)`` one to ``(C, S, S)``; smallNORB's stereo pairs come channels-first, ``(2, H, W)``)
+and takes an optional ``torch.Generator`` that is the only source of randomness.
+
+The evaluation transforms come in two halves, so that an attack can work on pixels:
+``pixels(image)`` gives the ``(C, H', W')`` image in the valid pixel range [0, 1] (before any
+standardisation), and ``normalise(batch, offset)`` the network input of a ``(N, C, H', W')``
+batch of such images, differentiably; ``offset = (dy, dx)`` moves the window the network sees
+(multi-crop evaluation).  ``transform(image) == normalise(pixels(image)[None])[0]``.
 """
 
 from __future__ import annotations
@@ -48,10 +56,19 @@ NORB_MAX_BRIGHTNESS_DELTA = 2.0
 NORB_CONTRAST_RANGE = (0.5, 1.5)
 
 
-def to_unit_float(image: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """``(H, W)`` uint8 → ``(1, H, W)``, or colour ``(H, W, C)`` → ``(C, H, W)``, float32 in [0, 1]."""
+#: The valid range of pixels after :func:`to_unit_float`; attacks clip to it.
+PIXEL_RANGE = (0.0, 1.0)
+
+
+def to_unit_float(image: np.ndarray | torch.Tensor, channels_last: bool = True) -> torch.Tensor:
+    """``(H, W)`` uint8 → ``(1, H, W)`` float32 in [0, 1]; a 3-D image keeps its channels, moved
+    first from ``(H, W, C)`` (colour images) or already first, ``(C, H, W)``, when not ``channels_last``
+    (smallNORB's stereo pairs)."""
     tensor = torch.as_tensor(np.asarray(image)) if not isinstance(image, torch.Tensor) else image
-    tensor = tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
+    if tensor.dim() == 2:
+        tensor = tensor.unsqueeze(0)
+    elif channels_last:
+        tensor = tensor.permute(2, 0, 1)
     return tensor.to(torch.float32).div(PIXEL_SCALE)
 
 
@@ -66,13 +83,39 @@ def per_image_standardise(image: torch.Tensor) -> torch.Tensor:
     """``(x - mean) / max(std, 1/sqrt(numel))`` over the whole image, as TF's
     ``per_image_standardization`` (population std; the floor protects uniform images).
 
+    Differentiable everywhere (the floor is applied to the variance, so a uniform image gets a
+    zero gradient through the statistics, not NaN).
+
     Args:
-        image: ``(C, H, W)`` float.
+        image: ``(C, H, W)`` float, or a batch ``(..., C, H, W)`` (each image on its own).
     """
-    mean = image.mean()
-    std = image.std(unbiased=False)
-    floor = 1.0 / math.sqrt(image.numel())
-    return (image - mean) / torch.clamp(std, min=floor)
+    dims = (-3, -2, -1)
+    mean = image.mean(dim=dims, keepdim=True)
+    variance = (image - mean).square().mean(dim=dims, keepdim=True)
+    floor = 1.0 / math.prod(image.shape[-3:])  # (1/sqrt(numel))²
+    return (image - mean) / variance.clamp(min=floor).sqrt()
+
+
+def shift_window(image: torch.Tensor, offset: tuple[int, int]) -> torch.Tensor:
+    """The ``(..., H, W)`` window moved by ``offset = (dy, dx)`` pixels, filled with zeros where it leaves the image.
+
+    ``shift_window(x, (1, 0))[..., i, :] == x[..., i + 1, :]``: the content moves up by one row.
+    """
+    dy, dx = offset
+    if dy == 0 and dx == 0:
+        return image
+    margin = max(abs(dy), abs(dx))
+    height, width = image.shape[-2:]
+    padded = F.pad(image, (margin, margin, margin, margin))
+    return padded[..., margin + dy : margin + dy + height, margin + dx : margin + dx + width]
+
+
+def place_on_canvas(image: torch.Tensor, canvas: int, top: int, left: int) -> torch.Tensor:
+    """``(C, h, w)`` pasted on a black ``(C, canvas, canvas)`` image with its top-left corner at ``(top, left)``."""
+    channels, height, width = image.shape
+    out = image.new_zeros(channels, canvas, canvas)
+    out[:, top : top + height, left : left + width] = image
+    return out
 
 
 def crop(image: torch.Tensor, top: int, left: int, size: int) -> torch.Tensor:
@@ -138,11 +181,25 @@ class NorbTransform:
         """Side ``S`` of the ``(1, S, S)`` output."""
         return self.crop
 
+    def pixels(self, image: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``(H, W)`` (or ``(C, H, W)``) uint8 → ``(C, resize, resize)`` float32 in [0, 1]: the image resized."""
+        return resize_bilinear(to_unit_float(image, channels_last=False), self.resize)
+
+    def normalise(self, pixels: torch.Tensor, offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        """Evaluation input of ``(N, C, resize, resize)`` pixels: standardised, the ``crop`` window at the
+        centre moved by ``offset`` → ``(N, C, crop, crop)``."""
+        x = per_image_standardise(pixels)
+        top = (x.shape[-2] - self.crop) // 2 + offset[0]
+        left = (x.shape[-1] - self.crop) // 2 + offset[1]
+        if not (0 <= top <= x.shape[-2] - self.crop and 0 <= left <= x.shape[-1] - self.crop):
+            raise ValueError(f"crop offset {offset} leaves the {x.shape[-2]}×{x.shape[-1]} image")
+        return crop(x, top, left, self.crop)
+
     def __call__(self, image: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``(H, W)`` uint8 → ``(1, crop, crop)`` float32."""
-        x = per_image_standardise(resize_bilinear(to_unit_float(image), self.resize))
+        """``(H, W)`` (or ``(C, H, W)``) uint8 → ``(C, crop, crop)`` float32."""
         if not self.train:
-            return centre_crop(x, self.crop).contiguous()
+            return self.normalise(self.pixels(image).unsqueeze(0))[0].contiguous()
+        x = per_image_standardise(resize_bilinear(to_unit_float(image, channels_last=False), self.resize))
         if generator is None:
             raise ValueError("the training transform needs a torch.Generator")
         x = random_crop(x, self.crop, generator)
@@ -153,20 +210,47 @@ class NorbTransform:
 
 @dataclass(frozen=True)
 class DigitsTransform:
-    """MNIST / Fashion-MNIST (and CIFAR-10 and image folders, in colour too): ``/255`` then per-image
-    standardisation over every pixel and channel; ``(1, 28, 28)`` for MNIST.
+    """MNIST / Fashion-MNIST (and CIFAR-10 and image folders, in colour too): ``/255``, optionally
+    placed on a larger black canvas, then per-image standardisation over every pixel and channel;
+    ``(1, 28, 28)`` for MNIST (``(1, canvas, canvas)``).
 
     Attributes:
-        train: recorded for symmetry; the transform is the same (nothing random).
+        train: with a ``canvas``, place the digit at a uniformly random position (every offset
+            from 0 to ``canvas − 28`` on each axis equally likely; Sabour et al.'s random
+            translations) instead of the centre; without one, nothing changes.
+        canvas: side of the black image the digit is placed on (None: the image as it is).
     """
 
     train: bool = False
+    canvas: int | None = None
 
     @property
     def random(self) -> bool:
-        """Never random."""
-        return False
+        """Random only when training with a canvas."""
+        return self.train and self.canvas is not None
+
+    def pixels(self, image: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``(H, W)`` uint8 → ``(1, S, S)`` float32 in [0, 1] (``S`` = ``canvas`` or ``H``)."""
+        x = to_unit_float(image)
+        if self.canvas is None:
+            return x
+        height, width = x.shape[-2:]
+        if self.canvas < max(height, width):
+            raise ValueError(f"a {height}×{width} image does not fit on a canvas of {self.canvas}")
+        if self.train:
+            if generator is None:
+                raise ValueError("the training transform with a canvas needs a torch.Generator")
+            top = int(torch.randint(0, self.canvas - height + 1, (), generator=generator))
+            left = int(torch.randint(0, self.canvas - width + 1, (), generator=generator))
+        else:
+            top, left = (self.canvas - height) // 2, (self.canvas - width) // 2
+        return place_on_canvas(x, self.canvas, top, left)
+
+    def normalise(self, pixels: torch.Tensor, offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        """Network input of ``(N, C, S, S)`` pixels: the window moved by ``offset`` (zeros, the
+        background, fill what it uncovers), then standardised."""
+        return per_image_standardise(shift_window(pixels, offset))
 
     def __call__(self, image: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``(H, W)`` uint8 → ``(1, H, W)`` float32, or ``(H, W, C)`` → ``(C, H, W)``."""
-        return per_image_standardise(to_unit_float(image)).contiguous()
+        """``(H, W)`` uint8 → ``(1, S, S)`` float32, or ``(H, W, C)`` → ``(C, S, S)``."""
+        return self.normalise(self.pixels(image, generator).unsqueeze(0))[0].contiguous()

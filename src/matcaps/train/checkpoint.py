@@ -25,8 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from matcaps.errors import CheckpointError
+from matcaps.errors import CheckpointError, ConfigError
 from matcaps.fsutil import fsync_directory
+from matcaps.models import model_config_from_dict
+from matcaps.models.weights import PretrainedWeights, pretrained_checkpoint, pretrained_names, pretrained_weights
 
 #: Bumped when the layout of the checkpoint dict changes incompatibly.
 CHECKPOINT_FORMAT = 1
@@ -200,3 +202,59 @@ def resolve_checkpoint(target: str | Path, which: str = "best") -> Path:
     if not target.exists():
         raise CheckpointError(f"{target} is neither a run directory nor a checkpoint file")
     return target
+
+
+def resolve_target(target: str | Path, which: str = "best") -> tuple[Path, PretrainedWeights | None]:
+    """The checkpoint file meant by ``target`` and, for a pretrained name, its registry entry.
+
+    An existing file or directory wins over a pretrained name.
+
+    Raises:
+        CheckpointError: ``target`` is none of the three (the message lists the pretrained names).
+    """
+    path = Path(target)
+    if path.exists():
+        return resolve_checkpoint(path, which), None
+    if str(target) in pretrained_names():
+        return pretrained_checkpoint(str(target)), pretrained_weights(str(target))
+    raise CheckpointError(f"{target} is neither a run directory nor a checkpoint file nor a pretrained network "
+                          f"(pretrained: {', '.join(pretrained_names())})")
+
+
+def without_implementation(model_config: dict[str, Any]) -> dict[str, Any]:
+    """A network's configuration without its routing implementation (all compute the same numbers)."""
+    routing = model_config.get("routing")
+    if isinstance(routing, dict):
+        model_config = {**model_config, "routing": {k: v for k, v in routing.items() if k != "implementation"}}
+    return model_config
+
+
+def read_initial_weights(source: str | Path, model_config: dict[str, Any]) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The network weights of ``source`` for a warm start of the network ``model_config``.
+
+    Args:
+        source: a run directory (its ``best.pt``, else ``last.pt``), a checkpoint file or a pretrained name.
+        model_config: ``ModelConfig.to_dict()`` of the network to start; ``source`` must hold the same
+            architecture (the routing implementation may differ).
+
+    Returns:
+        The checkpoint file read and its model state dict.
+
+    Raises:
+        CheckpointError: ``source`` is not found, unreadable, or holds another architecture.
+    """
+    path, _ = resolve_target(source, "best")
+    payload = load_checkpoint(path)
+    try:
+        saved = without_implementation(model_config_from_dict(payload["model_config"]).to_dict())
+        weights = payload["model"]
+    except KeyError as error:
+        raise CheckpointError(f"{path} lacks {error}") from None
+    except (ConfigError, TypeError) as error:
+        raise CheckpointError(f"the model configuration in {path} is invalid: {error}") from None
+    wanted = without_implementation(model_config)
+    if saved != wanted:
+        differences = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+        raise CheckpointError(f"{path} holds another network than the configured one (differs in "
+                              f"{', '.join(differences)})")
+    return path, weights

@@ -23,7 +23,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -33,6 +33,9 @@ from matcaps.errors import ConfigError
 from matcaps.losses import MarginSchedule
 from matcaps.models import CNN_BASELINE, MODEL_NAMES, CapsNetConfig, CNNBaselineConfig, ModelConfig, preset
 from matcaps.routing import MAX_ITERATIONS, ROUTING_IMPLEMENTATIONS
+
+if TYPE_CHECKING:
+    from matcaps.data import DataConfig
 
 #: Data splits ``matcaps.data`` knows (train/test viewpoints of smallNORB).
 SPLITS: tuple[str, ...] = ("standard", "azimuth", "elevation")
@@ -90,6 +93,12 @@ class TrainConfig:
                                    "class's images held out as the test set (seeded)", "data")
     bad_images: str = _option("stop", "str", "image folders: an unreadable or corrupt image stops with its name "
                               "(stop) or is left out and counted (skip)", "data", choices=BAD_IMAGE_POLICIES)
+    canvas: int | None = _option(None, "int?", "MNIST-like: place each digit on a black canvas of this side, at a "
+                                 "random position for training and centred for evaluation (Sabour et al.'s "
+                                 "affNIST protocol: 40); the network's input size follows", "data")
+    stereo: bool = _option(False, "bool", "smallNORB: feed both stereo views of a pair as one 2-channel image "
+                           "(24,300 items per split, Hinton et al.'s recipe) instead of one item per view (IBM's)",
+                           "data")
     # Model.
     model: str | None = _option(None, "str?", "architecture: a capsule preset (default: smallnorb for "
                                 "smallNORB, cifar10 for CIFAR-10, mnist for the others) or cnn-baseline, "
@@ -101,6 +110,10 @@ class TrainConfig:
                                        choices=ROUTING_IMPLEMENTATIONS)
     model_options: dict[str, Any] = _option({}, "table", "changes to the preset's CapsNetConfig "
                                             "fields, e.g. conv1_channels=32 (repeatable)", "model")
+    init_from: str | None = _option(None, "str?", "start from the weights of this network of the same "
+                                    "architecture: a run directory (its best.pt), a checkpoint file or a pretrained "
+                                    "name (mnist, fashion-mnist); optimizer, schedules and step count start afresh "
+                                    "(fine-tuning, warm starts)", "model")
     # Optimisation.
     epochs: int = _option(500, "int", "training epochs (IBM's published curve: 500)", "optimisation")
     max_steps: int | None = _option(None, "int?", "stop after this many steps (overrides --epochs)", "optimisation")
@@ -244,6 +257,8 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"option {name} must not be negative, got {getattr(config, name)!r}")
     if config.max_minutes is not None and not (math.isfinite(config.max_minutes) and config.max_minutes > 0):
         raise ConfigError(f"option max_minutes must be a positive number of minutes, got {config.max_minutes!r}")
+    if config.canvas is not None and config.canvas < 1:
+        raise ConfigError(f"option canvas must be a positive number of pixels, got {config.canvas!r}")
     if config.max_steps is not None and config.max_steps < 1:
         raise ConfigError(f"option max_steps must be at least 1, got {config.max_steps!r}")
     if not (math.isfinite(config.lr) and config.lr > 0):
@@ -257,6 +272,19 @@ def validate(config: TrainConfig) -> None:
     if not config.device or not (config.device in ("auto", "cpu") or config.device.startswith("cuda")):
         raise ConfigError(f"option device must be auto, cpu, cuda or cuda:N, got {config.device!r}")
     config.margin_schedule()  # raises ConfigError for an impossible schedule
+
+
+def data_config(config: TrainConfig, **changes: Any) -> "DataConfig":
+    """The :class:`~matcaps.data.DataConfig` of a run (``changes`` override its fields, e.g. the test split)."""
+    from matcaps.data import DataConfig
+
+    values: dict[str, Any] = dict(
+        dataset=config.dataset, root=Path(config.data_root), split=config.split, val_instances=config.val_instances,
+        val_size=config.val_size, validation=config.validation, seed=config.seed, canvas=config.canvas,
+        stereo=config.stereo, folder=config.folder_options(),
+    )  # fmt: skip
+    values.update(changes)
+    return DataConfig(**values)
 
 
 def default_model_name(dataset: str) -> str:

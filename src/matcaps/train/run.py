@@ -182,6 +182,8 @@ def train_run(
     """
     run_dir = Path(run_dir)
     trainer = Trainer(config, model_config, train_set, val_set, run_dir=run_dir, context=context, step_hook=step_hook)
+    if not resume and config.init_from is not None:
+        trainer.log(f"starting from the weights of {trainer.load_initial_weights(config.init_from)}")
     if resume:
         _load_resume_checkpoint(run_dir, trainer)
         state = trainer.state

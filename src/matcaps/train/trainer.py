@@ -40,8 +40,10 @@ from matcaps.train.checkpoint import (
     CHECKPOINT_FORMAT,
     LAST_CHECKPOINT,
     capture_rng_state,
+    read_initial_weights,
     restore_rng_state,
     save_atomic,
+    without_implementation,
 )
 from matcaps.train.config import TrainConfig
 from matcaps.train.monitor import TrainingMonitor
@@ -53,14 +55,6 @@ from matcaps.train.state import TrainResult, TrainState
 SECONDS_PER_MINUTE = 60.0
 
 StepHook = Callable[["Trainer"], None]
-
-
-def _without_implementation(model_config: dict[str, Any]) -> dict[str, Any]:
-    """A network's configuration without its routing implementation (all compute the same numbers)."""
-    routing = model_config.get("routing")
-    if isinstance(routing, dict):
-        model_config = {**model_config, "routing": {k: v for k, v in routing.items() if k != "implementation"}}
-    return model_config
 
 
 class Trainer:
@@ -185,13 +179,22 @@ class Trainer:
         save_atomic(self.checkpoint_payload(), path)
         return path
 
+    def load_initial_weights(self, source: str | Path) -> Path:
+        """Warm start: copy the network weights of ``source`` (see :func:`read_initial_weights`) into
+        the model; returns the file read.  The optimizer, the learning-rate and margin schedules and
+        the step count stay at their start; every process reads the same file, so DDP replicas start equal.
+        """
+        path, weights = read_initial_weights(source, self.model_config.to_dict())
+        self.model.load_state_dict(weights)
+        return path
+
     def load_checkpoint(self, payload: dict[str, Any]) -> None:
         """Continue from a checkpoint written by :meth:`save_checkpoint`."""
         try:  # normalised: a checkpoint written before a model option existed holds its default implicitly
             saved_model = model_config_from_dict(payload["model_config"]).to_dict()
         except (ConfigError, TypeError) as error:
             raise CheckpointError(f"the checkpoint's model configuration is invalid: {error}") from None
-        if _without_implementation(saved_model) != _without_implementation(self.model_config.to_dict()):
+        if without_implementation(saved_model) != without_implementation(self.model_config.to_dict()):
             raise CheckpointError("the checkpoint's model differs from the configured one")
         try:
             self.model.load_state_dict(payload["model"])
