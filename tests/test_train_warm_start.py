@@ -78,3 +78,23 @@ def test_a_source_of_another_network_is_refused_before_anything_is_written(
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and message in error[0]
     assert not run.exists()
+
+
+def test_a_published_run_scores_as_the_original_and_seeds_a_warm_start(trained_run, config_file, tmp_path, capsys):
+    """``scripts/publish_run.py``: the reduced ``best.pt`` of ``docs/runs/`` is all that testing and
+    fine-tuning need."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "publish_run.py"
+    published = tmp_path / "published"
+    subprocess.run([sys.executable, str(script), str(trained_run), str(published)], check=True, capture_output=True)
+    payload = load_checkpoint(published / "best.pt")
+    assert set(payload) == {"format", "model", "state", "config", "model_config"}  # no optimizer, no RNG states
+    assert (published / "config.toml").is_file() and (published / "metrics.jsonl").is_file()
+    original = load_checkpoint(trained_run / "best.pt")
+    assert all(torch.equal(payload["model"][k], v) for k, v in original["model"].items())
+    assert main(["train", "--config", str(config_file), "--run-dir", str(tmp_path / "tuned"),
+                 "--init-from", str(published), "--max-steps", "1"]) == 0  # fmt: skip
+    assert f"starting from the weights of {published / 'best.pt'}" in capsys.readouterr().out
