@@ -40,6 +40,16 @@ def test_learning_rate_decays_continuously_and_margin_follows_the_schedule():
     assert margins == pytest.approx([0.2 + 0.79 / (1 + math.exp(-(k / 50_000 - 4))) for k in range(1, 6)])
 
 
+def test_learning_rate_drops_at_its_milestones_on_top_of_the_decay():
+    config = tiny_config(max_steps=6, lr_decay_steps=3, lr_drop_steps=(2, 4), lr_drop=0.5, val_every=0)
+    trainer = Trainer(config, tiny_model_config(config), TinyImages(40))
+    lrs = []
+    trainer.step_hook = lambda t: lrs.append(t.optimizer.param_groups[0]["lr"])  # the rate of the next step
+    trainer.fit()
+    drops = [0, 1, 1, 2, 2, 2]  # after steps 1..6: milestone 2 reached at step 2, milestone 4 at step 4
+    assert lrs == pytest.approx([3e-3 * 0.96 ** (k / 3) * 0.5 ** d for k, d in zip(range(1, 7), drops)], rel=1e-12)
+
+
 @pytest.mark.parametrize(
     ("checkpoint_every", "crash_step", "resumed_from"),
     [

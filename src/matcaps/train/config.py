@@ -126,6 +126,10 @@ class TrainConfig:
                               "continuously, every step)", "optimisation")
     lr_decay_steps: int = _option(20_000, "int", "steps over which the learning rate decays by "
                                   "--lr-decay", "optimisation")
+    lr_drop_steps: tuple[int, ...] = _option((), "ints", "steps at which the learning rate is also multiplied by "
+                                             "--lr-drop (a step schedule on top of the continuous decay, e.g. "
+                                             "5154 6872)", "optimisation")
+    lr_drop: float = _option(0.1, "float", "learning-rate factor at each of --lr-drop-steps", "optimisation")
     weight_decay: float = _option(0.0, "float", "L2 penalty factor on weights, TensorFlow l2_loss "
                                   "convention (Hinton et al.: 2e-7; IBM default: off)", "optimisation",
                                   aliases=("--l2",))
@@ -187,8 +191,10 @@ class TrainConfig:
         return MarginSchedule(self.margin_start, self.margin_span, self.margin_steps, self.margin_offset, self.margin_cap)
 
     def lr_factor(self, step: int) -> float:
-        """``lr_decay ** (step / lr_decay_steps)``: the learning-rate multiplier after ``step`` steps."""
-        return self.lr_decay ** (step / self.lr_decay_steps)
+        """The learning-rate multiplier after ``step`` steps: ``lr_decay ** (step / lr_decay_steps)``
+        times ``lr_drop`` for each of ``lr_drop_steps`` already reached."""
+        drops = sum(1 for milestone in self.lr_drop_steps if step >= milestone)
+        return self.lr_decay ** (step / self.lr_decay_steps) * self.lr_drop**drops
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -265,6 +271,10 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"option lr must be a positive number, got {config.lr!r}")
     if not 0 < config.lr_decay <= 1:
         raise ConfigError(f"option lr_decay must be in (0, 1], got {config.lr_decay!r}")
+    if not 0 < config.lr_drop <= 1:
+        raise ConfigError(f"option lr_drop must be in (0, 1], got {config.lr_drop!r}")
+    if any(milestone < 1 for milestone in config.lr_drop_steps):
+        raise ConfigError(f"option lr_drop_steps must be steps of at least 1, got {list(config.lr_drop_steps)!r}")
     if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
         raise ConfigError(f"option weight_decay must be a non-negative number, got {config.weight_decay!r}")
     if config.iters is not None and not 1 <= config.iters <= MAX_ROUTING_ITERATIONS:
