@@ -22,13 +22,11 @@ from pathlib import Path
 
 import torch
 
-from matcaps.train.checkpoint import BEST_CHECKPOINT, load_checkpoint, save_atomic
+from matcaps.train.checkpoint import BEST_CHECKPOINT, load_checkpoint, save_weights_only
 
 #: Files copied as they are (glob patterns, relative to the run directory).
 RECORD_PATTERNS = ("config.toml", "run.json", "metrics.jsonl", "curves.png", "test-*.json", "confusion-*.png",
                    "attack-*.json", "attack-*.png")  # fmt: skip
-#: Checkpoint entries kept in the published ``best.pt`` (enough to score and use it, not to resume it).
-PUBLISHED_KEYS = ("format", "model", "state", "config", "model_config")
 
 
 def publish(run: Path, destination: Path, log: Path | None, checkpoint: bool) -> list[Path]:
@@ -43,8 +41,7 @@ def publish(run: Path, destination: Path, log: Path | None, checkpoint: bool) ->
     if log is not None:
         written.append(Path(shutil.copy2(log, destination / "train.log")))
     if checkpoint and (run / BEST_CHECKPOINT).is_file():
-        payload = load_checkpoint(run / BEST_CHECKPOINT)
-        save_atomic({key: payload[key] for key in PUBLISHED_KEYS if key in payload}, destination / BEST_CHECKPOINT)
+        save_weights_only(load_checkpoint(run / BEST_CHECKPOINT), destination / BEST_CHECKPOINT)
         written.append(destination / BEST_CHECKPOINT)
     return written
 

@@ -28,13 +28,11 @@ from matcaps.data import DataConfig, load_splits
 from matcaps.models import build_model, model_config_from_dict
 from matcaps.models.weights import PRETRAINED_DIR, REGISTRY_FILE, tomllib
 from matcaps.scoring import evaluate_model
-from matcaps.train.checkpoint import load_checkpoint, resolve_checkpoint, save_atomic
+from matcaps.train.checkpoint import load_checkpoint, resolve_checkpoint, save_weights_only
 from matcaps.train.config import TrainConfig, to_toml
 
 #: Test images re-scored by the quick check of tests/test_pretrained.py.
 DEFAULT_CHECK_IMAGES = 500
-#: Keys of a checkpoint that a pretrained file keeps.
-KEPT_KEYS = ("format", "model", "state", "config", "model_config")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     check = evaluate_model(model, Subset(test, range(args.check_images)), model_config.num_classes, margin=margin)
 
     target = PRETRAINED_DIR / f"{args.name}.pt"
-    save_atomic({key: payload[key] for key in KEPT_KEYS}, target)
+    save_weights_only(payload, target)
     entries = tomllib.loads(REGISTRY_FILE.read_text(encoding="utf-8"))
     entries[args.name] = {
         "file": target.name, "dataset": config.dataset, "sha256": hashlib.sha256(target.read_bytes()).hexdigest(),

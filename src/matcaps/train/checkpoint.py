@@ -258,3 +258,15 @@ def read_initial_weights(source: str | Path, model_config: dict[str, Any]) -> tu
         raise CheckpointError(f"{path} holds another network than the configured one (differs in "
                               f"{', '.join(differences)})")
     return path, weights
+
+
+#: Checkpoint entries that scoring, attacking, predicting and warm starts need; the rest (optimizer,
+#: scheduler, random-number states) only serves ``--resume``.
+WEIGHTS_ONLY_KEYS: tuple[str, ...] = ("format", "model", "state", "config", "model_config")
+
+
+def save_weights_only(payload: dict[str, Any], path: str | Path) -> None:
+    """Write the :data:`WEIGHTS_ONLY_KEYS` of a checkpoint ``payload`` to ``path`` (atomically): a
+    file about a third of the size that ``matcaps test``/``attack``/``predict`` and ``--init-from``
+    read, but that cannot be resumed."""
+    save_atomic({key: payload[key] for key in WEIGHTS_ONLY_KEYS if key in payload}, path)
