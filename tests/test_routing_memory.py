@@ -50,8 +50,10 @@ def test_conv_caps_peak_memory_is_linear_in_the_map_size(implementation):
     assert large["windows"] / small["windows"] > 9  # 81 → 841 parent positions
     per_window_small = small["peak_kib"] / small["windows"]
     per_window_large = large["peak_kib"] / large["windows"]
-    # Linear: the memory per parent position stays put (quadratic would multiply it by ~10).
-    assert 0.5 * per_window_small < per_window_large < 2.0 * per_window_small, (small, large)
+    # Linear: the memory per parent position does not grow (quadratic would multiply it by ~10). It may
+    # shrink: fixed costs (allocator arenas, kernel workspaces) weigh more on the small map, by up to
+    # 2x on a loaded machine (81 windows: 1,027 KiB each, 841 windows: 483 KiB, seen in CI).
+    assert 0.2 * per_window_small < per_window_large < 2.0 * per_window_small, (small, large)
 
 
 @pytest.mark.parametrize("implementation", ROUTING_IMPLEMENTATIONS)
