@@ -71,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_command(args: argparse.Namespace) -> int:
     """Attack (or read) every target, print and save the reports, draw the plot; returns 0."""
     from matcaps.allocator import apply_allocator
-    from matcaps.cli.test import PRETRAINED_DATA_ROOT, check_target
+    from matcaps.cli.test import check_target, resolve_scored_target
     from matcaps.errors import ConfigError
     from matcaps.evaluate import load_for_testing
     from matcaps.robustness import (
@@ -83,7 +83,6 @@ def run_command(args: argparse.Namespace) -> int:
         report_path,
         save_attack_report,
     )
-    from matcaps.trained import resolve_target
 
     settings = AttackSettings(
         methods=tuple(dict.fromkeys(args.methods)), modes=tuple(dict.fromkeys(args.modes)),
@@ -115,13 +114,12 @@ def run_command(args: argparse.Namespace) -> int:
                 report.label = label
             json_path = target
         else:
-            checkpoint, pretrained = resolve_target(target, args.checkpoint)
-            data_root = args.data_root if args.data_root is not None or pretrained is None else PRETRAINED_DATA_ROOT
+            checkpoint, pretrained, data_root = resolve_scored_target(target, args.checkpoint, args.data_root)
             loaded = load_for_testing(checkpoint, args.checkpoint, args.split, data_root, args.device)
             report = attack_checkpoint(loaded, settings, batch_size=args.batch_size, workers=args.workers,
                                        progress=args.progress, label=label or (str(target) if pretrained else None))
             output = args.output
-            if output is None and pretrained is not None:  # not inside the installed package
+            if output is None and pretrained:  # not inside the installed package
                 output = report_path(report, Path.cwd())
             json_path = save_attack_report(report, output)
             print(f"saved {json_path}")

@@ -47,6 +47,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_command)
 
 
+def resolve_scored_target(target: Path, which: str, data_root: Path | None) -> tuple[Path, bool, Path | None]:
+    """The checkpoint file of ``target``, whether it is a pretrained name, and the data root to score it on
+    (``--data-root``, else ``PRETRAINED_DATA_ROOT`` for a pretrained name, else None: the run's own)."""
+    from matcaps.trained import resolve_target
+
+    check_target(target)
+    checkpoint, pretrained = resolve_target(target, which)
+    if data_root is None and pretrained is not None:
+        data_root = PRETRAINED_DATA_ROOT
+    return checkpoint, pretrained is not None, data_root
+
+
 def check_target(target: Path) -> None:
     """A directory must be a run directory (``config.toml``) or at least hold a checkpoint."""
     from matcaps.errors import CheckpointError
@@ -63,15 +75,11 @@ def run_command(args: argparse.Namespace) -> int:
     from matcaps.errors import CheckpointError, ConfigError
     from matcaps.evaluate import evaluate_checkpoint, format_report, save_report
     from matcaps.train.checkpoint import DamagedCheckpointError
-    from matcaps.trained import resolve_target
-
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.workers < 0:
         raise ConfigError(f"--workers must not be negative, got {args.workers}")
-    check_target(args.target)
-    target, pretrained = resolve_target(args.target, args.checkpoint)
-    data_root = args.data_root if args.data_root is not None or pretrained is None else PRETRAINED_DATA_ROOT
+    target, pretrained, data_root = resolve_scored_target(args.target, args.checkpoint, args.data_root)
     apply_allocator(args.allocator)
     try:
         report = evaluate_checkpoint(
@@ -83,7 +91,7 @@ def run_command(args: argparse.Namespace) -> int:
         if error.alternative is None:
             raise
         raise CheckpointError(f"{error}: test it with `matcaps test {error.alternative}`") from None
-    json_path, png_path = save_report(report, Path.cwd() if pretrained is not None else None)
+    json_path, png_path = save_report(report, Path.cwd() if pretrained else None)
     print(format_report(report))
     print(f"saved {json_path} and {png_path}")
     return 0

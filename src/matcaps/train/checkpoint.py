@@ -229,6 +229,21 @@ def without_implementation(model_config: dict[str, Any]) -> dict[str, Any]:
     return model_config
 
 
+def network_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """The top-level fields in which a checkpoint's ``model_config`` differs from ``wanted``
+    (``ModelConfig.to_dict()``), the routing implementation left out; empty for the same network.
+
+    ``saved`` is normalised first: a checkpoint written before a model option existed holds its
+    default implicitly.
+
+    Raises:
+        ConfigError, TypeError: ``saved`` is not a valid model configuration.
+    """
+    saved = without_implementation(model_config_from_dict(saved).to_dict())
+    wanted = without_implementation(wanted)
+    return sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+
+
 def read_initial_weights(source: str | Path, model_config: dict[str, Any]) -> tuple[Path, dict[str, torch.Tensor]]:
     """The network weights of ``source`` for a warm start of the network ``model_config``.
 
@@ -246,15 +261,13 @@ def read_initial_weights(source: str | Path, model_config: dict[str, Any]) -> tu
     path, _ = resolve_target(source, "best")
     payload = load_checkpoint(path)
     try:
-        saved = without_implementation(model_config_from_dict(payload["model_config"]).to_dict())
+        differences = network_differences(payload["model_config"], model_config)
         weights = payload["model"]
     except KeyError as error:
         raise CheckpointError(f"{path} lacks {error}") from None
     except (ConfigError, TypeError) as error:
         raise CheckpointError(f"the model configuration in {path} is invalid: {error}") from None
-    wanted = without_implementation(model_config)
-    if saved != wanted:
-        differences = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+    if differences:
         raise CheckpointError(f"{path} holds another network than the configured one (differs in "
                               f"{', '.join(differences)})")
     return path, weights

@@ -32,7 +32,7 @@ from matcaps.distributed import DistributedContext, all_agree, resolve_device
 from matcaps.errors import CheckpointError, ConfigError
 from matcaps.layers import InputNorm
 from matcaps.losses import classification_loss, l2_penalty, regularised_parameters
-from matcaps.models import ModelConfig, build_model, count_parameters, model_config_from_dict
+from matcaps.models import ModelConfig, build_model, count_parameters
 from matcaps.routing import release_workspace
 from matcaps.scoring import EvaluationCounts, autocast_context, evaluate_model
 from matcaps.train.checkpoint import (
@@ -40,10 +40,10 @@ from matcaps.train.checkpoint import (
     CHECKPOINT_FORMAT,
     LAST_CHECKPOINT,
     capture_rng_state,
+    network_differences,
     read_initial_weights,
     restore_rng_state,
     save_atomic,
-    without_implementation,
 )
 from matcaps.train.config import TrainConfig
 from matcaps.train.monitor import TrainingMonitor
@@ -190,11 +190,11 @@ class Trainer:
 
     def load_checkpoint(self, payload: dict[str, Any]) -> None:
         """Continue from a checkpoint written by :meth:`save_checkpoint`."""
-        try:  # normalised: a checkpoint written before a model option existed holds its default implicitly
-            saved_model = model_config_from_dict(payload["model_config"]).to_dict()
+        try:
+            differences = network_differences(payload["model_config"], self.model_config.to_dict())
         except (ConfigError, TypeError) as error:
             raise CheckpointError(f"the checkpoint's model configuration is invalid: {error}") from None
-        if without_implementation(saved_model) != without_implementation(self.model_config.to_dict()):
+        if differences:
             raise CheckpointError("the checkpoint's model differs from the configured one")
         try:
             self.model.load_state_dict(payload["model"])
