@@ -61,12 +61,31 @@ def test_a_warm_started_run_resumes_without_its_source(trained_run, config_file,
     assert load_checkpoint(run / "last.pt")["state"]["step"] == 5
 
 
+def test_a_warm_start_may_change_the_routing_and_says_so(trained_run, config_file, tmp_path, capsys):
+    """Routing hyper-parameters shape no weight: 2 iterations can be fine-tuned with 3 (a curriculum)."""
+    source = load_checkpoint(trained_run / "best.pt")
+    assert source["model_config"]["routing"]["iterations"] == 2
+    run = tmp_path / "three"
+    argv = ["train", "--config", str(config_file), "--run-dir", str(run), "--init-from", str(trained_run),
+            "--iters", "3", "--model-option", "routing.variance_floor=1e-4", "--max-steps", "1", "--lr", "1e-30"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "routing changed: iterations 2 -> 3, variance_floor 1e-09 -> 0.0001" in out
+    tuned = load_checkpoint(run / "last.pt")
+    assert tuned["model_config"]["routing"]["iterations"] == 3
+    assert tuned["model_config"]["routing"]["variance_floor"] == 1e-4
+    assert same_parameters(tuned["model"], source["model"])
+    # resuming stays strict: the checkpoint's network (3 iterations) is the one continued
+    assert main(["train", "--resume", str(run), "--max-steps", "2"]) == 0
+    assert load_checkpoint(run / "last.pt")["model_config"]["routing"]["iterations"] == 3
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--init-from", "no-such-run"], "no-such-run is neither a run directory nor a checkpoint file nor a pretrained"),
         (["--init-from", "mnist"], "holds another network than the configured one (differs in"),
-        (["--init-from", "RUN", "--iters", "3"], "differs in routing"),
+        (["--init-from", "RUN", "--model-option", "pose_size=3"], "differs in pose_size"),
     ],
 )
 def test_a_source_of_another_network_is_refused_before_anything_is_written(

@@ -19,6 +19,7 @@ import os
 import pickle
 import random
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -229,9 +230,15 @@ def without_implementation(model_config: dict[str, Any]) -> dict[str, Any]:
     return model_config
 
 
-def network_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+#: The model-configuration field that holds the routing hyper-parameters: they shape no weight, so a warm
+#: start may change them (e.g. train with 2 routing iterations, then fine-tune with 3).
+ROUTING_FIELD = "routing"
+
+
+def network_differences(saved: dict[str, Any], wanted: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
     """The top-level fields in which a checkpoint's ``model_config`` differs from ``wanted``
-    (``ModelConfig.to_dict()``), the routing implementation left out; empty for the same network.
+    (``ModelConfig.to_dict()``), the routing implementation and the fields in ``ignore`` left out;
+    empty for the same network.
 
     ``saved`` is normalised first: a checkpoint written before a model option existed holds its
     default implicitly.
@@ -241,19 +248,41 @@ def network_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[s
     """
     saved = without_implementation(model_config_from_dict(saved).to_dict())
     wanted = without_implementation(wanted)
-    return sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+    return sorted(k for k in saved.keys() | wanted.keys() if k not in ignore and saved.get(k) != wanted.get(k))
 
 
-def read_initial_weights(source: str | Path, model_config: dict[str, Any]) -> tuple[Path, dict[str, torch.Tensor]]:
+def routing_changes(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """``"name old -> new"`` for each routing hyper-parameter (implementation aside) that ``wanted``
+    changes from the checkpoint's ``saved`` model configuration; both as in :func:`network_differences`."""
+    before = without_implementation(model_config_from_dict(saved).to_dict()).get(ROUTING_FIELD) or {}
+    after = without_implementation(wanted).get(ROUTING_FIELD) or {}
+    return [f"{name} {before.get(name)} -> {after.get(name)}"
+            for name in sorted(before.keys() | after.keys()) if before.get(name) != after.get(name)]
+
+
+@dataclass(frozen=True)
+class InitialWeights:
+    """The network weights a warm start begins from.
+
+    Attributes:
+        path: The checkpoint file read.
+        weights: Its model state dict.
+        routing_changes: The routing hyper-parameters the new run changes (see :func:`routing_changes`).
+    """
+
+    path: Path
+    weights: dict[str, torch.Tensor]
+    routing_changes: list[str]
+
+
+def read_initial_weights(source: str | Path, model_config: dict[str, Any]) -> InitialWeights:
     """The network weights of ``source`` for a warm start of the network ``model_config``.
 
     Args:
         source: a run directory (its ``best.pt``, else ``last.pt``), a checkpoint file or a pretrained name.
         model_config: ``ModelConfig.to_dict()`` of the network to start; ``source`` must hold the same
-            architecture (the routing implementation may differ).
-
-    Returns:
-        The checkpoint file read and its model state dict.
+            architecture.  The routing hyper-parameters (iterations, inverse temperature, variance
+            floor, implementation) may differ: no weight depends on them.
 
     Raises:
         CheckpointError: ``source`` is not found, unreadable, or holds another architecture.
@@ -261,7 +290,8 @@ def read_initial_weights(source: str | Path, model_config: dict[str, Any]) -> tu
     path, _ = resolve_target(source, "best")
     payload = load_checkpoint(path)
     try:
-        differences = network_differences(payload["model_config"], model_config)
+        differences = network_differences(payload["model_config"], model_config, ignore=(ROUTING_FIELD,))
+        changes = routing_changes(payload["model_config"], model_config)
         weights = payload["model"]
     except KeyError as error:
         raise CheckpointError(f"{path} lacks {error}") from None
@@ -270,7 +300,7 @@ def read_initial_weights(source: str | Path, model_config: dict[str, Any]) -> tu
     if differences:
         raise CheckpointError(f"{path} holds another network than the configured one (differs in "
                               f"{', '.join(differences)})")
-    return path, weights
+    return InitialWeights(path, weights, changes)
 
 
 #: Checkpoint entries that scoring, attacking, predicting and warm starts need; the rest (optimizer,

@@ -111,8 +111,8 @@ class TrainConfig:
     model_options: dict[str, Any] = _option({}, "table", "changes to the preset's CapsNetConfig "
                                             "fields, e.g. conv1_channels=32 (repeatable)", "model")
     init_from: str | None = _option(None, "str?", "start from the weights of this network of the same "
-                                    "architecture: a run directory (its best.pt), a checkpoint file or a pretrained "
-                                    "name (mnist, fashion-mnist); optimizer, schedules and step count start afresh "
+                                    "architecture (routing settings may differ): a run directory (its best.pt), a checkpoint "
+                                    "file or a pretrained name (mnist, fashion-mnist); optimizer, schedules and step count start afresh "
                                     "(fine-tuning, warm starts)", "model")
     # Optimisation.
     epochs: int = _option(500, "int", "training epochs (IBM's published curve: 500)", "optimisation")

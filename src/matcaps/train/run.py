@@ -183,7 +183,9 @@ def train_run(
     run_dir = Path(run_dir)
     trainer = Trainer(config, model_config, train_set, val_set, run_dir=run_dir, context=context, step_hook=step_hook)
     if not resume and config.init_from is not None:
-        trainer.log(f"starting from the weights of {trainer.load_initial_weights(config.init_from)}")
+        initial = trainer.load_initial_weights(config.init_from)
+        changed = f" (routing changed: {', '.join(initial.routing_changes)})" if initial.routing_changes else ""
+        trainer.log(f"starting from the weights of {initial.path}{changed}")
     if resume:
         _load_resume_checkpoint(run_dir, trainer)
         state = trainer.state

@@ -39,6 +39,7 @@ from matcaps.train.checkpoint import (
     BEST_CHECKPOINT,
     CHECKPOINT_FORMAT,
     LAST_CHECKPOINT,
+    InitialWeights,
     capture_rng_state,
     network_differences,
     read_initial_weights,
@@ -179,14 +180,14 @@ class Trainer:
         save_atomic(self.checkpoint_payload(), path)
         return path
 
-    def load_initial_weights(self, source: str | Path) -> Path:
+    def load_initial_weights(self, source: str | Path) -> InitialWeights:
         """Warm start: copy the network weights of ``source`` (see :func:`read_initial_weights`) into
-        the model; returns the file read.  The optimizer, the learning-rate and margin schedules and
+        the model; returns what was read.  The optimizer, the learning-rate and margin schedules and
         the step count stay at their start; every process reads the same file, so DDP replicas start equal.
         """
-        path, weights = read_initial_weights(source, self.model_config.to_dict())
-        self.model.load_state_dict(weights)
-        return path
+        initial = read_initial_weights(source, self.model_config.to_dict())
+        self.model.load_state_dict(initial.weights)
+        return initial
 
     def load_checkpoint(self, payload: dict[str, Any]) -> None:
         """Continue from a checkpoint written by :meth:`save_checkpoint`."""
