@@ -82,6 +82,8 @@ def test_bad_config_files_are_reported_with_the_file_and_option(tmp_path, text, 
         ({"lr_drop_steps": (100, 0)}, "lr_drop_steps must be steps of at least 1"),
         ({"lr_drop_steps": (1.5,)}, "lr_drop_steps must be a list of integers"),
         ({"margin_steps": 0.0}, "steps_per_unit must be positive"),
+        ({"clip_grad_norm": -1.0}, "clip_grad_norm must be a non-negative number"),
+        ({"clip_grad_norm": float("nan")}, "clip_grad_norm must be a non-negative number"),
     ],
 )
 def test_impossible_values_raise_config_errors(changes, message):

@@ -50,6 +50,28 @@ def test_learning_rate_drops_at_its_milestones_on_top_of_the_decay():
     assert lrs == pytest.approx([3e-3 * 0.96 ** (k / 3) * 0.5 ** d for k, d in zip(range(1, 7), drops)], rel=1e-12)
 
 
+@pytest.mark.parametrize("clip", [0.0, 1e-3])
+def test_clip_grad_norm_rescales_the_gradient_the_optimizer_sees(clip):
+    """The optimizer steps on the gradient scaled to a global norm of at most ``clip``, same direction."""
+    config = tiny_config(max_steps=1, val_every=0, clip_grad_norm=clip)
+    trainer = Trainer(config, tiny_model_config(config), TinyImages(8))
+    raw, seen = {}, {}
+    gradients = lambda: {name: p.grad.clone() for name, p in trainer.model.named_parameters()}
+    trainer.monitor.after_backward = lambda: raw.update(gradients())
+    trainer.optimizer.register_step_pre_hook(lambda *_: seen.update(gradients()))
+    images, labels = next(iter(torch.utils.data.DataLoader(TinyImages(8), batch_size=8)))
+    trainer.train_step(images, labels)
+    raw_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in raw.values()])).item()
+    seen_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in seen.values()])).item()
+    assert raw_norm > 1e-2  # the tiny network's gradient is far above the clip
+    if clip == 0:
+        assert all(torch.equal(raw[name], seen[name]) for name in raw)
+    else:
+        assert seen_norm == pytest.approx(clip, rel=1e-4)
+        scale = seen_norm / raw_norm
+        assert all(torch.allclose(seen[name], raw[name] * scale, rtol=1e-5, atol=1e-12) for name in raw)
+
+
 @pytest.mark.parametrize(
     ("checkpoint_every", "crash_step", "resumed_from"),
     [

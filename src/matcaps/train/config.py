@@ -133,6 +133,9 @@ class TrainConfig:
     weight_decay: float = _option(0.0, "float", "L2 penalty factor on weights, TensorFlow l2_loss "
                                   "convention (Hinton et al.: 2e-7; IBM default: off)", "optimisation",
                                   aliases=("--l2",))
+    clip_grad_norm: float = _option(0.0, "float", "rescale the gradient so that its global L2 norm (all "
+                                    "parameters) is at most this before each step; 0: off (IBM: off)",
+                                    "optimisation")
     margin_start: float = _option(0.2, "float", "spread-loss margin at the start", "optimisation")
     margin_span: float = _option(0.79, "float", "total growth of the margin", "optimisation")
     margin_steps: float = _option(50_000.0, "float", "steps per unit of the margin's sigmoid", "optimisation")
@@ -277,6 +280,8 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"option lr_drop_steps must be steps of at least 1, got {list(config.lr_drop_steps)!r}")
     if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
         raise ConfigError(f"option weight_decay must be a non-negative number, got {config.weight_decay!r}")
+    if not (math.isfinite(config.clip_grad_norm) and config.clip_grad_norm >= 0):
+        raise ConfigError(f"option clip_grad_norm must be a non-negative number (0: off), got {config.clip_grad_norm!r}")
     if config.iters is not None and not 1 <= config.iters <= MAX_ROUTING_ITERATIONS:
         raise ConfigError(f"option iters must be between 1 and {MAX_ROUTING_ITERATIONS}, got {config.iters!r}")
     if not config.device or not (config.device in ("auto", "cpu") or config.device.startswith("cuda")):

@@ -231,6 +231,8 @@ class Trainer:
             finite = finite & torch.stack([torch.isfinite(g).all() for g in gradients]).all()
         applied = all_agree(bool(finite), self.context)
         if applied:
+            if self.config.clip_grad_norm > 0:  # after the check: a non-finite norm never scales a step
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad_norm)
             self.optimizer.step()
         else:
             self.optimizer.zero_grad(set_to_none=True)
