@@ -336,6 +336,7 @@ def main(argv: Sequence[str]) -> int:
 
     from matcaps.bench.kernels import prepare_kernels
     from matcaps.bench.machine import machine_info
+    from matcaps.fsutil import write_text_atomic
 
     implementations = tuple(dict.fromkeys(args.impl))
     machine = machine_info("cpu")  # holds the load average before the run
@@ -367,7 +368,7 @@ def main(argv: Sequence[str]) -> int:
     print(format_table(report))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
         print(f"report written to {args.json}")
     return 0
 
