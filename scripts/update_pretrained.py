@@ -24,12 +24,12 @@ from pathlib import Path
 
 from torch.utils.data import Subset
 
-from matcaps.data import DataConfig, load_splits
+from matcaps.data import load_splits
 from matcaps.models import build_model, model_config_from_dict
 from matcaps.models.weights import PRETRAINED_DIR, REGISTRY_FILE, tomllib
 from matcaps.scoring import evaluate_model
 from matcaps.train.checkpoint import load_checkpoint, resolve_checkpoint, save_weights_only
-from matcaps.train.config import TrainConfig, to_toml
+from matcaps.train.config import TrainConfig, data_config, to_toml
 
 #: Test images re-scored by the quick check of tests/test_pretrained.py.
 DEFAULT_CHECK_IMAGES = 500
@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     model_config = model_config_from_dict(payload["model_config"])
     model = build_model(model_config)
     model.load_state_dict(payload["model"])
-    test = load_splits(DataConfig(dataset=config.dataset, root=args.data_root, validation=False)).test
+    # As the network saw its data (e.g. digits on a canvas), on the standard test split.
+    test = load_splits(data_config(config, root=args.data_root, split="standard", validation=False)).test
     margin = config.margin_schedule()(int(payload["state"]["step"]))
     whole = evaluate_model(model, test, model_config.num_classes, margin=margin, progress=True, description="test")
     check = evaluate_model(model, Subset(test, range(args.check_images)), model_config.num_classes, margin=margin)

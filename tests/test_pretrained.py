@@ -8,6 +8,7 @@ minutes on a CPU) and compares with the recorded test accuracy.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import tomllib
@@ -21,12 +22,13 @@ from real_data import real_data_root
 from torch.utils.data import Subset
 
 from matcaps.cli import main
-from matcaps.data import DataConfig, dataset_info, load_splits
+from matcaps.data import dataset_info, load_splits
 from matcaps.errors import ConfigError
 from matcaps.models import CapsNet, pretrained, pretrained_names, pretrained_weights
 from matcaps.models.weights import REGISTRY_FILE, load_pretrained_payload
 from matcaps.scoring import evaluate_model
-from matcaps.trained import load_trained
+from matcaps.train.config import data_config
+from matcaps.trained import TrainedNetwork, load_trained, preprocess_image
 
 #: Set to 1 to re-score the pretrained networks on their whole test sets.
 RESCORE_ALL_ENV = "MATCAPS_RESCORE_ALL"
@@ -102,19 +104,21 @@ def real_test_set(tmp_path_factory):
     """``real_test_set(dataset)``: the real test set of ``dataset`` (prepared once), or skip."""
     roots: dict[str, Path] = {}
 
-    def test_set(dataset: str):
+    def test_set(network: TrainedNetwork):
+        """The standard test set as ``network`` sees it (its dataset, and e.g. the canvas it was trained on)."""
+        dataset = network.dataset
         if dataset not in roots:
             roots[dataset] = real_data_root(dataset, tmp_path_factory.mktemp(f"real-{dataset}"))
-        return load_splits(DataConfig(dataset=dataset, root=roots[dataset], validation=False)).test
+        return load_splits(data_config(network.config, root=roots[dataset], split="standard", validation=False)).test
 
     return test_set
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
 def test_pretrained_network_scores_as_recorded_on_the_first_real_test_images(name, real_test_set):
-    entry = pretrained_weights(name)
-    test = real_test_set(entry.dataset)
-    counts = evaluate_model(load_trained(name).model, Subset(test, range(entry.check_images)), 10, batch_size=500)
+    entry, network = pretrained_weights(name), load_trained(name)
+    test = real_test_set(network)
+    counts = evaluate_model(network.model, Subset(test, range(entry.check_images)), 10, batch_size=500)
     assert counts.total == entry.check_images
     assert int(counts.confusion.diagonal().sum()) == entry.check_correct
 
@@ -123,8 +127,8 @@ def test_pretrained_network_scores_as_recorded_on_the_first_real_test_images(nam
 def test_pretrained_network_scores_its_recorded_test_accuracy(name, real_test_set):
     if os.environ.get(RESCORE_ALL_ENV) != "1":
         pytest.skip(f"re-scoring a whole test set takes minutes on a CPU; set {RESCORE_ALL_ENV}=1 to run it")
-    entry = pretrained_weights(name)
-    counts = evaluate_model(load_trained(name).model, real_test_set(entry.dataset), 10, batch_size=500)
+    entry, network = pretrained_weights(name), load_trained(name)
+    counts = evaluate_model(network.model, real_test_set(network), 10, batch_size=500)
     assert counts.total == entry.test_images
     assert int(counts.confusion.diagonal().sum()) == entry.test_correct
     assert counts.accuracy == pytest.approx(entry.test_accuracy, abs=5e-5)
@@ -148,3 +152,17 @@ def test_attack_takes_a_pretrained_name_and_reports_in_the_current_directory(tmp
     assert len(reports) == 1 and reports[0].with_suffix(".png").stat().st_size > 0
     assert set(pretrained_checkpoint("mnist").parent.iterdir()) == package_files  # nothing written into the package
     assert "mnist" in capsys.readouterr().out
+
+
+def test_an_image_file_is_prepared_as_the_network_saw_its_training_digits(tmp_path):
+    """A network trained on digits placed on a canvas (``--canvas``) gets image files centred on one."""
+    digit = np.zeros((28, 28), np.uint8)
+    digit[6:22, 12:16] = 255
+    path = tmp_path / "one.png"
+    Image.fromarray(digit).save(path)
+    network = load_trained("mnist")
+    plain = preprocess_image(path, dataclasses.replace(network, config=network.config.replace(canvas=None)))
+    placed = preprocess_image(path, dataclasses.replace(network, config=network.config.replace(canvas=32)))
+    assert plain.shape == (1, 28, 28) and placed.shape == (1, 32, 32)
+    assert torch.equal(placed[0, 2:30, 2:30] > placed.min(), plain[0] > plain.min())  # centred: offset 2
+    assert (placed[0, :2] == placed.min()).all() and (placed[0, 30:] == placed.min()).all()

@@ -118,7 +118,7 @@ def preprocess_image(path: str | Path, network: TrainedNetwork) -> Tensor:
         DataFormatError: the file cannot be read as an image (one line naming it).
     """
     image = load_image(path, network.model_config.in_channels, stored_size(network.config))
-    _, evaluation = dataset_transforms(network.dataset)
+    _, evaluation = dataset_transforms(network.dataset, network.config.canvas)
     return evaluation(image)
 
 
