@@ -40,7 +40,6 @@ import argparse
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -240,11 +239,6 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         return json.loads(result_path.read_text(encoding="utf-8"))
 
 
-def load_average() -> list[float] | None:
-    """The 1-, 5- and 15-minute load averages (None where the system has none)."""
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-
-
 def speedups(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
     """For each of ours: the peer's median (wall, CPU) time per step over ours, and our peak memory over the peer's."""
     peer = results[PEER]
@@ -335,7 +329,7 @@ def main(argv: Sequence[str]) -> int:
         return 2
 
     from matcaps.bench.kernels import prepare_kernels
-    from matcaps.bench.machine import machine_info
+    from matcaps.bench.machine import load_average, machine_info
     from matcaps.fsutil import write_text_atomic
 
     implementations = tuple(dict.fromkeys(args.impl))

@@ -33,6 +33,11 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def load_average() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages (None where the system has none)."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
 def machine_info(device: str) -> dict[str, Any]:
     """CPU model, cores, OS, Python, PyTorch and (for ``cuda``/``cuda:N``) GPU of this machine."""
     info: dict[str, Any] = {
@@ -46,7 +51,7 @@ def machine_info(device: str) -> dict[str, Any]:
         "default_threads": torch.get_num_threads(),
         "device": device,
         "device_name": "cpu",
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_average": load_average(),
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["device_name"] = torch.cuda.get_device_name(torch.device(device))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import torch
 
 from matcaps.bench.config import BenchConfig
 from matcaps.bench.kernels import prepare_kernels
-from matcaps.bench.machine import machine_info
+from matcaps.bench.machine import load_average, machine_info
 from matcaps.bench.measure import PHASES
 from matcaps.bench.verify import compare_implementations
 from matcaps.errors import ConfigError, MatcapsError
@@ -95,7 +94,7 @@ def run_bench(config: BenchConfig, command: list[str] | None = None) -> dict[str
     report["results"] = results
     report["model"]["parameters"] = next(iter(results.values()))["parameters"]
     report["machine"]["threads"] = next(iter(results.values()))["threads"]
-    report["machine"]["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    report["machine"]["load_average_after"] = load_average()
     report["ratios"] = ratios_to_baseline(results)
     report["ratios_vs_fused"] = ratios_to_baseline(results, FUSED_IMPLEMENTATION)
     report["losses_agree"] = losses_agree(results)
