@@ -101,7 +101,7 @@ def test_predict_and_show_take_a_pretrained_name(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def real_test_set(tmp_path_factory):
-    """``real_test_set(dataset)``: the real test set of ``dataset`` (prepared once), or skip."""
+    """``real_test_set(network)``: the real test set of the network's dataset (prepared once), or skip."""
     roots: dict[str, Path] = {}
 
     def test_set(network: TrainedNetwork):

@@ -235,6 +235,11 @@ def without_implementation(model_config: dict[str, Any]) -> dict[str, Any]:
 ROUTING_FIELD = "routing"
 
 
+def _comparable(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's ``model_config`` normalised (defaults made explicit), without its routing implementation."""
+    return without_implementation(model_config_from_dict(saved).to_dict())
+
+
 def network_differences(saved: dict[str, Any], wanted: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
     """The top-level fields in which a checkpoint's ``model_config`` differs from ``wanted``
     (``ModelConfig.to_dict()``), the routing implementation and the fields in ``ignore`` left out;
@@ -246,15 +251,14 @@ def network_differences(saved: dict[str, Any], wanted: dict[str, Any], ignore: t
     Raises:
         ConfigError, TypeError: ``saved`` is not a valid model configuration.
     """
-    saved = without_implementation(model_config_from_dict(saved).to_dict())
-    wanted = without_implementation(wanted)
+    saved, wanted = _comparable(saved), without_implementation(wanted)
     return sorted(k for k in saved.keys() | wanted.keys() if k not in ignore and saved.get(k) != wanted.get(k))
 
 
 def routing_changes(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """``"name old -> new"`` for each routing hyper-parameter (implementation aside) that ``wanted``
     changes from the checkpoint's ``saved`` model configuration; both as in :func:`network_differences`."""
-    before = without_implementation(model_config_from_dict(saved).to_dict()).get(ROUTING_FIELD) or {}
+    before = _comparable(saved).get(ROUTING_FIELD) or {}
     after = without_implementation(wanted).get(ROUTING_FIELD) or {}
     return [f"{name} {before.get(name)} -> {after.get(name)}"
             for name in sorted(before.keys() | after.keys()) if before.get(name) != after.get(name)]
