@@ -10,7 +10,8 @@ et al. 2018, Procedure 1, with Gritzman's three corrections):
     cost_j = f · R_j · Σ_h (β_v + ½ ln σ²_jh),   f = 100 · C / (children per window)
     a_j = sigmoid(λ_t (β_a − cost_j)),           λ_t = 0.01 (1 − 0.95^(t+1))
     ln p_ij = Σ_h [ −(V_ijh − μ_jh)² / (2σ²_jh) − ½ ln(2π σ²_jh) ]
-    r_ij = exp(ln(a_j + ε) + ln p_ij) / Σ_{j' reaching i} exp(ln(a_j' + ε) + ln p_ij')
+    r_ij = exp(z_ij) / Σ_{j' reaching i} exp(z_ij'),   z_ij = ln(a_j + ε) + τ_t ln p_ij
+    (τ_t = 1 in the paper; the E-step scales of this project otherwise)
     r_ij(0) = 1 / (number of parent positions reaching i × C)
 """
 
@@ -30,6 +31,7 @@ class Constants:
     cost_scale: float = 100.0
     variance_floor: float = 1e-9
     epsilon: float = 1e-9
+    e_step_scales: tuple = ()
 
 
 @dataclass
@@ -80,6 +82,7 @@ def em_route(votes: dict, child_activation: dict, parent_types: int, children_pe
         trace.activation.append(activation)
         if t == k.iterations - 1:
             break
+        tau = k.e_step_scales[t] if t < len(k.e_step_scales) else 1.0
         logits = {}
         for j in parents:
             (p, c) = j
@@ -87,7 +90,7 @@ def em_route(votes: dict, child_activation: dict, parent_types: int, children_pe
                 d = votes[(p, c, i)] - mean[j]
                 log_p = sum(-d[h] ** 2 / (2 * variance[j][h]) - 0.5 * math.log(2 * math.pi * variance[j][h])
                             for h in range(len(d)))
-                logits[(j, i)] = math.log(activation[j] + k.epsilon) + log_p
+                logits[(j, i)] = math.log(activation[j] + k.epsilon) + tau * log_p
         routing = {}
         for i, js in links_of_child.items():
             top = max(logits[(j, i)] for j in js)

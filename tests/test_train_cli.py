@@ -124,6 +124,9 @@ def test_resume_extends_a_finished_run_and_refuses_changes(config_file, tmp_path
         (["--model", "cnn-baseline", "--model-option", "routing.iterations=2"], "unknown option.*CNN baseline: routing"),
         (["--model", "cnn-baseline", "--model-option", "dropout=1.5"], r"dropout must be in \[0, 1\)"),
         (["--model-option", "transform_init_std=0"], "transform_init_std must be a positive number"),
+        (["--model-option", "routing.e_step_scales=[1,0.2]"], r"gives 2 scale\(s\), but 2 routing iteration\(s\) run 1"),
+        (["--iters", "3", "--model-option", "routing.e_step_scales=[1,-1]"], "e_step_scales must be a list of positive"),
+        (["--model-option", "routing.e_step_scales=soft"], "e_step_scales must be a list of positive"),
     ],
 )
 def test_bad_options_give_one_error_line_and_exit_code_2(arguments, message, tmp_path, data_root, trained_run, capsys):

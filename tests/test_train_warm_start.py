@@ -67,13 +67,15 @@ def test_a_warm_start_may_change_the_routing_and_says_so(trained_run, config_fil
     assert source["model_config"]["routing"]["iterations"] == 2
     run = tmp_path / "three"
     argv = ["train", "--config", str(config_file), "--run-dir", str(run), "--init-from", str(trained_run),
-            "--iters", "3", "--model-option", "routing.variance_floor=1e-4", "--max-steps", "1", "--lr", "1e-30"]
+            "--iters", "3", "--model-option", "routing.variance_floor=1e-4",
+            "--model-option", "routing.e_step_scales=[1,0.2]", "--max-steps", "1", "--lr", "1e-30"]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "routing changed: iterations 2 -> 3, variance_floor 1e-09 -> 0.0001" in out
+    assert "routing changed: e_step_scales () -> (1, 0.2), iterations 2 -> 3, variance_floor 1e-09 -> 0.0001" in out
     tuned = load_checkpoint(run / "last.pt")
     assert tuned["model_config"]["routing"]["iterations"] == 3
     assert tuned["model_config"]["routing"]["variance_floor"] == 1e-4
+    assert tuned["model_config"]["routing"]["e_step_scales"] == (1, 0.2)
     assert same_parameters(tuned["model"], source["model"])
     # resuming stays strict: the checkpoint's network (3 iterations) is the one continued
     assert main(["train", "--resume", str(run), "--max-steps", "2"]) == 0

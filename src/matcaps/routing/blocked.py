@@ -186,6 +186,7 @@ class _KernelLayout:
         child_positions: ``P``.
         types: ``C``; ``padded_types`` is ``C`` rounded up to a multiple of :data:`LANES`.
         inverse_temperatures: ``λ_t`` of every iteration.
+        likelihood_scales: ``τ_t`` of the E-step after every iteration (the last is unused).
         cost_factor, variance_floor, epsilon: As in :class:`EMRoutingConfig`.
         kernel: The compiled module.
     """
@@ -196,6 +197,7 @@ class _KernelLayout:
     types: int
     padded_types: int
     inverse_temperatures: tuple[float, ...]
+    likelihood_scales: tuple[float, ...]
     cost_factor: float
     variance_floor: float
     epsilon: float
@@ -215,6 +217,7 @@ class _KernelLayout:
             types=types,
             padded_types=-(-types // LANES) * LANES,
             inverse_temperatures=tuple(config.inverse_temperature(t) for t in range(config.iterations)),
+            likelihood_scales=tuple(config.likelihood_scale(t) for t in range(config.iterations)),
             cost_factor=config.cost_factor(children, types),
             variance_floor=config.variance_floor,
             epsilon=config.epsilon,
@@ -225,7 +228,7 @@ class _KernelLayout:
         """The arguments that follow the tensors in the kernel's ``forward`` and ``backward``."""
         return (
             self.prior, self.slot_child, self.child_positions, self.types, list(self.inverse_temperatures),
-            self.cost_factor, self.variance_floor, self.epsilon,
+            list(self.likelihood_scales), self.cost_factor, self.variance_floor, self.epsilon,
         )  # fmt: skip
 
 

@@ -45,6 +45,13 @@ class EMRoutingConfig:
             ``"naive"`` (plain autograd; kept to measure the gain) or ``"triton"`` (a Triton
             kernel that keeps each window's votes in registers; CUDA tensors only, or Triton's
             interpreter on CPU).  All give the same numbers.
+        e_step_scales: ``τ_t`` of every E-step, in order: the E-step after the M-step of
+            iteration ``t`` computes its logits as ``z_ij = ln(a_j + ε) + τ_t · ln p_ij``, so
+            ``τ_t < 1`` softens the assignment of children to parents (tempered EM, applied
+            to the likelihood only).  E-steps without an entry use 1, which is Procedure 1;
+            the default ``()`` is the paper's routing.  Not in the paper: an option of this
+            project for 3 iterations, whose second E-step with ``τ = 1`` routes the weights
+            of a 2-iteration network almost hard (see docs/learning-speed.md).
     """
 
     iterations: int = 2
@@ -54,8 +61,10 @@ class EMRoutingConfig:
     variance_floor: float = 1e-9
     epsilon: float = 1e-9
     implementation: str = ROUTING_IMPLEMENTATIONS[0]
+    e_step_scales: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        self._check_e_step_scales()
         if not isinstance(self.iterations, int) or self.iterations < 1:
             raise ConfigError(f"routing iterations must be a positive integer, got {self.iterations!r}")
         for name in ("final_inverse_temperature", "inverse_temperature_decay", "cost_scale", "variance_floor", "epsilon"):
@@ -78,6 +87,25 @@ class EMRoutingConfig:
                 f"unknown routing implementation {self.implementation!r}; "
                 f"choose one of {', '.join(ROUTING_IMPLEMENTATIONS)}"
             )
+
+    def _check_e_step_scales(self) -> None:
+        scales = self.e_step_scales
+        if isinstance(scales, (list, tuple)):
+            object.__setattr__(self, "e_step_scales", tuple(scales))  # a list from a configuration file
+            scales = self.e_step_scales
+        if not isinstance(scales, tuple) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf for v in scales
+        ):
+            raise ConfigError(f"routing option e_step_scales must be a list of positive numbers, got {scales!r}")
+        if len(scales) > MAX_ITERATIONS - 1:
+            raise ConfigError(
+                f"routing option e_step_scales has {len(scales)} entries, but at most {MAX_ITERATIONS - 1} "
+                f"E-steps run ({MAX_ITERATIONS} iterations)"
+            )
+
+    def likelihood_scale(self, iteration: int) -> float:
+        """``τ_t``, the scale of ``ln p_ij`` in the E-step after the M-step of 0-based iteration ``t``."""
+        return float(self.e_step_scales[iteration]) if iteration < len(self.e_step_scales) else 1.0
 
     def inverse_temperature(self, iteration: int) -> float:
         """``λ_t = λ_final · (1 − decay^(t+1))`` for the 0-based iteration ``t``."""

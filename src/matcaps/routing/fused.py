@@ -294,11 +294,12 @@ def _routing_forward(
         activations = torch.sigmoid(inverse_temperature * (beta_a - cost))  # (N, L, C)
         states.append(_IterationState(routing, weights, data, variance, activations, inverse_temperature))
         if iteration < config.iterations - 1:
-            # z = ln(a + ε) + ln p,  ln p = −½ Σ_h Q/σ² − ½ Σ_h ln(2π σ²)
+            # z = ln(a + ε) + τ ln p,  ln p = −½ Σ_h Q/σ² − ½ Σ_h ln(2π σ²)
+            scale = config.likelihood_scale(iteration)
             scaled_distance = torch.bmm(squared_deviations, variance.reciprocal().transpose(1, 2))  # (B, I, 1)
             log_normaliser = 0.5 * (entries * LOG_2PI + log_variance_sum)
-            logits = scaled_distance.view(n, num_windows, parent_types, children).mul_(-0.5)
-            logits += (torch.log(activations + config.epsilon) - log_normaliser).unsqueeze(-1)
+            logits = scaled_distance.view(n, num_windows, parent_types, children).mul_(-0.5 * scale)
+            logits += (torch.log(activations + config.epsilon) - scale * log_normaliser).unsqueeze(-1)
             routing = softmax_over_parents(logits, geometry)
     return states, torch.addcmul(centred_sum, _weight_total(data, config), centre)  # μ = W c + Σ w (V − c)
 
@@ -386,22 +387,29 @@ def _e_step_backward(
     step: _CentredStep,
     config: EMRoutingConfig,
     votes_gradient: _VotesGradient,
+    likelihood_scale: float = 1.0,
 ) -> _StepGradients:
     """Backward of the E-step that follows ``state``'s M-step (``naive._e_step``), from its logits on.
 
     Args:
-        grad_logits: ``(N, L, C, I)`` gradient ``ḡ_z`` of the logits ``z = ln(a + ε) + ln p``.
+        grad_logits: ``(N, L, C, I)`` gradient ``ḡ_z`` of the logits ``z = ln(a + ε) + τ ln p``.
         centred_logit_sums: ``(B, 1, H)`` ``Σ_i ḡ_z (V − c)`` over the children of each parent.
         state: The iteration whose ``μ``, ``σ²`` and ``a`` the E-step read.
         step: Its centred means and ``Q``.
+        likelihood_scale: ``τ`` of this E-step (:attr:`EMRoutingConfig.e_step_scales`).
 
     Returns:
         The gradients of this iteration's ``μ``, ``σ²`` and ``a``; the votes' term goes to
         ``votes_gradient``.
     """
     batch, children = step.squared_deviations.shape[:2]
-    grad_logit_rows = grad_logits.view(batch, 1, children)
     grad_logit_sums = grad_logits.sum(dim=-1)  # (N, L, C)
+    grad_activations = grad_logit_sums / (state.activations + config.epsilon)  # ∂/∂a of ln(a + ε)
+    if likelihood_scale != 1.0:  # ln p enters the logits as τ ln p: its terms see τ ḡ_z
+        grad_logits = likelihood_scale * grad_logits
+        centred_logit_sums = likelihood_scale * centred_logit_sums
+        grad_logit_sums = likelihood_scale * grad_logit_sums
+    grad_logit_rows = grad_logits.view(batch, 1, children)
     per_parent_sums = grad_logit_sums.view(batch, 1, 1)
     inverse_variance = state.variance.reciprocal()
     # ∂/∂μ of −½ Σ_h Q/σ²: Σ_i ḡ_z (V − μ)/σ² = (Σ_i ḡ_z (V − c) − (μ − c) Σ_i ḡ_z)/σ²
@@ -412,7 +420,6 @@ def _e_step_backward(
     ) * inverse_variance
     # ∂/∂V: −ḡ_z (V − μ)/σ² = (V − c) ⊙ (ḡ_z ⊗ −1/σ²) + ḡ_z ⊗ (μ − c)/σ²
     votes_gradient.add(grad_logits, -inverse_variance, step.deviation * inverse_variance)
-    grad_activations = grad_logit_sums / (state.activations + config.epsilon)  # ∂/∂a of ln(a + ε)
     return _StepGradients(grad_mean, grad_variance, grad_activations)
 
 
@@ -531,7 +538,9 @@ def _routing_backward(
             squared_deviations, deviation, centred_sum - _weight_total(state.data, config) * deviation
         )
         if grad_logits is not None:
-            grads = _e_step_backward(grad_logits, centred_sums[:, :1], state, step, config, votes_gradient)
+            grads = _e_step_backward(
+                grad_logits, centred_sums[:, :1], state, step, config, votes_gradient, config.likelihood_scale(iteration)
+            )
         grad_weighted, step_grad_beta_v, step_grad_beta_a = _m_step_backward(
             grads, state, step, centred, centre, beta_v, cost_factor, config, votes_gradient
         )

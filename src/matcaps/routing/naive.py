@@ -100,7 +100,7 @@ def _iterations(
         )
         yield RoutingTrace(routing, mean.squeeze(3), variance.squeeze(3), activations)
         if iteration < config.iterations - 1:
-            routing = _e_step(votes, mean, variance, activations, geometry, config)
+            routing = _e_step(votes, mean, variance, activations, geometry, config, config.likelihood_scale(iteration))
 
 
 def _m_step(
@@ -136,11 +136,17 @@ def _e_step(
     activations: Tensor,
     geometry: RoutingGeometry,
     config: EMRoutingConfig,
+    likelihood_scale: float = 1.0,
 ) -> Tensor:
     """Procedure 1, line 8: posterior of each parent for each child, normalised over all
-    the parents (every position and type) that reach the child.  Returns ``(N, L, C, I)``."""
+    the parents (every position and type) that reach the child.  Returns ``(N, L, C, I)``.
+
+    ``likelihood_scale`` is ``τ_t`` of :attr:`EMRoutingConfig.e_step_scales`: the logits are
+    ``ln(a_j + ε) + τ_t ln p_ij`` (1 in the paper)."""
     log_likelihood = -(((votes - mean) ** 2) / (2 * variance)).sum(dim=-1) - 0.5 * (
         LOG_2PI + torch.log(variance)
     ).sum(dim=-1)  # ln p_ij                                                       (N, L, C, I)
+    if likelihood_scale != 1.0:
+        log_likelihood = likelihood_scale * log_likelihood
     logits = torch.log(activations + config.epsilon).unsqueeze(-1) + log_likelihood
     return softmax_over_parents(logits, geometry)

@@ -40,8 +40,12 @@ import triton.language as tl
 
 #: Constants the kernel reads from a small tensor of the data's dtype (a Python float
 #: argument would reach the kernel as float32, which is not exact enough in float64).
-EPSILON, VARIANCE_FLOOR, COST_FACTOR, INVERSE_TEMPERATURE, ENTRIES_LOG_2PI = range(5)
-NUM_CONSTANTS = 5
+#: ``LIKELIHOOD_SCALE_IN`` is ``τ`` of the E-step before the iteration's M-step (whose logits it
+#: recomputes), ``LIKELIHOOD_SCALE_OUT`` that of the E-step after it.
+EPSILON, VARIANCE_FLOOR, COST_FACTOR, INVERSE_TEMPERATURE, ENTRIES_LOG_2PI, LIKELIHOOD_SCALE_IN, LIKELIHOOD_SCALE_OUT = (
+    range(7)
+)
+NUM_CONSTANTS = 7
 
 
 @triton.jit
@@ -96,6 +100,8 @@ def em_iteration_kernel(
     cost_factor = tl.load(constants_ptr + 2)
     inverse_temperature = tl.load(constants_ptr + 3)
     entries_log_2pi = tl.load(constants_ptr + 4)
+    likelihood_scale_in = tl.load(constants_ptr + 5)
+    likelihood_scale_out = tl.load(constants_ptr + 6)
 
     child = tl.arange(0, BLOCK_I)
     entry = tl.arange(0, BLOCK_H)
@@ -165,8 +171,10 @@ def em_iteration_kernel(
             deviation = tl.where(tile_mask, votes - previous_mean[:, None, :], 0.0)
             distance = tl.sum(deviation * deviation / previous_variance[:, None, :], axis=2)  # (C, I)
             log_variance_sum = tl.sum(tl.log(previous_variance), axis=1)  # masked entries read 1
-            logits = (tl.log(previous_activation + epsilon) - 0.5 * (entries_log_2pi + log_variance_sum))[:, None]
-            logits = logits - 0.5 * distance
+            logits = (
+                tl.log(previous_activation + epsilon) - (0.5 * likelihood_scale_in) * (entries_log_2pi + log_variance_sum)
+            )[:, None]
+            logits = logits - (0.5 * likelihood_scale_in) * distance
             # exp(−inf) = 0 for padding slots and masked lanes (whose maximum was not read).
             shifted = tl.where(link_mask & is_child[None, :], logits - child_max[None, :], float("-inf"))
             routing = tl.exp(shifted) / child_total[None, :]
@@ -196,8 +204,10 @@ def em_iteration_kernel(
         if not LAST:
             # E-step logits with the new statistics, folded into a running log-sum-exp per slot.
             distance = tl.sum(squares / variance[:, None, :], axis=2)  # (C, I)
-            logits = (tl.log(activation + epsilon) - 0.5 * (entries_log_2pi + log_variance_sum))[:, None]
-            logits = tl.where(type_mask[:, None], logits - 0.5 * distance, float("-inf"))
+            logits = (
+                tl.log(activation + epsilon) - (0.5 * likelihood_scale_out) * (entries_log_2pi + log_variance_sum)
+            )[:, None]
+            logits = tl.where(type_mask[:, None], logits - (0.5 * likelihood_scale_out) * distance, float("-inf"))
             new_max = tl.maximum(slot_max, tl.max(logits, axis=0))
             shift = tl.where(new_max == float("-inf"), 0.0, new_max)
             slot_sum = slot_sum * tl.exp(slot_max - shift) + tl.sum(tl.exp(logits - shift[None, :]), axis=0)

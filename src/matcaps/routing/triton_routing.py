@@ -260,10 +260,12 @@ def triton_next_power_of_2(value: int) -> int:
 def _constants(
     config: EMRoutingConfig, children: int, parent_types: int, entries: int, dtype: torch.dtype, device: torch.device
 ) -> Tensor:
-    """``(T, NUM_CONSTANTS)``: per iteration ``ε``, variance floor, ``f_L``, ``λ_t``, ``H·ln 2π``."""
+    """``(T, NUM_CONSTANTS)``: per iteration ``ε``, variance floor, ``f_L``, ``λ_t``, ``H·ln 2π``,
+    ``τ_{t−1}`` and ``τ_t`` (the likelihood scales of the E-steps before and after its M-step)."""
     rows = [
         [config.epsilon, config.variance_floor, config.cost_factor(children, parent_types),
-         config.inverse_temperature(t), entries * LOG_2PI]
+         config.inverse_temperature(t), entries * LOG_2PI,
+         config.likelihood_scale(t - 1) if t > 0 else 1.0, config.likelihood_scale(t)]
         for t in range(config.iterations)
     ]  # fmt: skip
     return torch.tensor(rows, dtype=dtype).to(device)

@@ -336,6 +336,12 @@ def resolve_model_config(config: TrainConfig, num_classes: int, image_size: int,
         raise ConfigError(
             f"routing iterations must be between 1 and {MAX_ROUTING_ITERATIONS}, got {model_config.routing.iterations}"
         )
+    e_steps = model_config.routing.iterations - 1
+    if len(model_config.routing.e_step_scales) > e_steps:
+        raise ConfigError(
+            f"model option routing.e_step_scales gives {len(model_config.routing.e_step_scales)} scale(s), but "
+            f"{model_config.routing.iterations} routing iteration(s) run {e_steps} E-step(s)"
+        )
     return model_config
 
 

@@ -246,6 +246,7 @@ struct Layer {
   const T* prior = nullptr;       // (L, I) routing weights of the first M-step
   const int64_t* slot_child = nullptr;  // (L, S) child position of every window slot (P = padding)
   std::vector<T> inverse_temperature;   // lambda_t per iteration
+  std::vector<T> likelihood_scale;      // tau_t of the E-step after each iteration: z = ln(a + eps) + tau ln p
   T cost_factor = 0, variance_floor = 0, epsilon = 0;
 
   int64_t blocks() const { return n * positions; }
@@ -424,12 +425,13 @@ void forward_pass(const Layer<T>& g, int64_t t, const Stats<T>& stats, int64_t s
         store(stats.data + at, data);
         store(stats.log_variance + at, log_variance);
         if (last) continue;
-        // E-step logits z = ln(a + eps) - sum_h (V - mu)^2 / (2 sigma^2) - (16 ln 2pi + sum_h ln sigma^2) / 2
+        // E-step logits z = ln(a + eps) + tau ln p, ln p = -sum_h (V - mu)^2 / (2 sigma^2) - (16 ln 2pi + sum_h ln sigma^2) / 2
         // (-inf for the padding types), and their log-sum-exp over this chunk's types per slot.
+        const T tau = g.likelihood_scale[t];
         Vec<T> half_inverse[kEntries];
-        for (int64_t h = 0; h < kEntries; ++h) half_inverse[h] = T(0.5) / variance[h];
+        for (int64_t h = 0; h < kEntries; ++h) half_inverse[h] = (T(0.5) * tau) / variance[h];
         const Vec<T> base = select<T>(
-            real, vlog<T>(activation + g.epsilon) - T(0.5) * (T(kEntries * kLog2Pi) + log_variance), splat(neg_inf));
+            real, vlog<T>(activation + g.epsilon) - (T(0.5) * tau) * (T(kEntries * kLog2Pi) + log_variance), splat(neg_inf));
         for (int64_t i = 0; i < I; ++i) {
           const Vec<T>* v = votes.data() + i * kEntries;
           Vec<T> distance{};
@@ -658,26 +660,30 @@ void backward_pass(const Layer<T>& g, int64_t t, const Stats<T>& stats, const Ba
           grad_activation = load(buf.grad_activation_out + block * Cp + c0);
         } else {
           // E-step: g_z = r' (g_r' - sum over the child's parents of r' g_r'), r' the next routing;
-          // z = ln(a + eps) - sum_h (V - mu)^2 / (2 sigma^2) - sum_h ln(2 pi sigma^2) / 2.
+          // z = ln(a + eps) + tau ln p, ln p = -sum_h (V - mu)^2 / (2 sigma^2) - sum_h ln(2 pi sigma^2) / 2:
+          // ln(a + eps) sees g_z, the terms of ln p see tau g_z (stored for the votes' gradient).
+          const T tau = g.likelihood_scale[t];
           Vec<T> grad_total{}, sum_deviations[kEntries] = {}, sum_squares[kEntries] = {};
           const T* child_sum = buf.child_sum + block * I;
           for (int64_t i = 0; i < I; ++i) {
             const Vec<T> r_next = load(buf.routing + (((t + 1) * g.blocks() + block) * I + i) * Cp + c0);
             const Vec<T> grad_next = load(buf.grad_routing + (block * I + i) * Cp + c0);
             const Vec<T> gz = r_next * (grad_next - child_sum[i]);
-            store(buf.grad_logits + ((t * g.blocks() + block) * I + i) * Cp + c0, gz);
+            const Vec<T> gp = tau * gz;  // gradient of ln p
+            store(buf.grad_logits + ((t * g.blocks() + block) * I + i) * Cp + c0, gp);
             grad_total += gz;
             const Vec<T>* v = votes.data() + i * kEntries;
             for (int64_t h = 0; h < kEntries; ++h) {
-              const Vec<T> gzd = gz * (v[h] - mean[h]);
-              sum_deviations[h] += gzd;
-              sum_squares[h] += gzd * (v[h] - mean[h]);
+              const Vec<T> gpd = gp * (v[h] - mean[h]);
+              sum_deviations[h] += gpd;
+              sum_squares[h] += gpd * (v[h] - mean[h]);
             }
           }
           grad_activation = grad_total / (activation + g.epsilon);
+          const Vec<T> grad_log_p_total = tau * grad_total;
           for (int64_t h = 0; h < kEntries; ++h) {
             grad_mean[h] = sum_deviations[h] * inverse[h];
-            grad_variance[h] = (T(0.5) * sum_squares[h] * inverse[h] - T(0.5) * grad_total) * inverse[h];
+            grad_variance[h] = (T(0.5) * sum_squares[h] * inverse[h] - T(0.5) * grad_log_p_total) * inverse[h];
           }
         }
         // M-step: a = sigmoid(lambda (beta_a - cost)), cost = f R sum_h (beta_v + ln(sigma^2)/2).
@@ -742,8 +748,8 @@ template <typename T>
 Layer<T> make_layer(const torch::Tensor& windows, const torch::Tensor& transforms, const c10::optional<torch::Tensor>& offsets,
                     const torch::Tensor& activations, const torch::Tensor& beta_v, const torch::Tensor& beta_a,
                     const torch::Tensor& prior, const torch::Tensor& slot_child, int64_t child_positions, int64_t types,
-                    const std::vector<double>& inverse_temperature, double cost_factor, double variance_floor,
-                    double epsilon) {
+                    const std::vector<double>& inverse_temperature, const std::vector<double>& likelihood_scale,
+                    double cost_factor, double variance_floor, double epsilon) {
   Layer<T> g;
   g.n = windows.size(0);
   g.positions = windows.size(1);
@@ -764,6 +770,8 @@ Layer<T> make_layer(const torch::Tensor& windows, const torch::Tensor& transform
   g.prior = prior.data_ptr<T>();
   g.slot_child = slot_child.data_ptr<int64_t>();
   for (double v : inverse_temperature) g.inverse_temperature.push_back(static_cast<T>(v));
+  TORCH_CHECK(likelihood_scale.size() == inverse_temperature.size(), "one likelihood scale per iteration");
+  for (double v : likelihood_scale) g.likelihood_scale.push_back(static_cast<T>(v));
   g.cost_factor = static_cast<T>(cost_factor);
   g.variance_floor = static_cast<T>(variance_floor);
   g.epsilon = static_cast<T>(epsilon);
@@ -807,7 +815,8 @@ std::vector<torch::Tensor> forward(const torch::Tensor& windows, const torch::Te
                                    const c10::optional<torch::Tensor>& offsets, const torch::Tensor& activations,
                                    const torch::Tensor& beta_v, const torch::Tensor& beta_a, const torch::Tensor& prior,
                                    const torch::Tensor& slot_child, int64_t child_positions, int64_t types,
-                                   const std::vector<double>& inverse_temperature, double cost_factor,
+                                   const std::vector<double>& inverse_temperature,
+                                   const std::vector<double>& likelihood_scale, double cost_factor,
                                    double variance_floor, double epsilon, bool save) {
   check_inputs(windows, transforms, offsets, activations, beta_v, beta_a, prior, slot_child, types);
   TORCH_CHECK(!inverse_temperature.empty(), "at least one iteration");
@@ -828,8 +837,8 @@ std::vector<torch::Tensor> forward(const torch::Tensor& windows, const torch::Te
   AT_DISPATCH_FLOATING_TYPES(windows.scalar_type(), "blocked_routing_forward", [&] {
     pybind11::gil_scoped_release no_gil;
     Layer<scalar_t> g = make_layer<scalar_t>(windows, transforms, offsets, activations, beta_v, beta_a, prior,
-                                             slot_child, child_positions, types, inverse_temperature, cost_factor,
-                                             variance_floor, epsilon);
+                                             slot_child, child_positions, types, inverse_temperature,
+                                             likelihood_scale, cost_factor, variance_floor, epsilon);
     Stats<scalar_t> stats{means.data_ptr<scalar_t>(), variances.data_ptr<scalar_t>(), acts.data_ptr<scalar_t>(),
                           data.data_ptr<scalar_t>(), log_variances.data_ptr<scalar_t>(), residuals.data_ptr<scalar_t>(),
                           g.blocks(), Cp};
@@ -859,7 +868,8 @@ std::vector<torch::Tensor> backward(const torch::Tensor& windows, const torch::T
                                     const c10::optional<torch::Tensor>& offsets, const torch::Tensor& activations,
                                     const torch::Tensor& beta_v, const torch::Tensor& beta_a, const torch::Tensor& prior,
                                     const torch::Tensor& slot_child, int64_t child_positions, int64_t types,
-                                    const std::vector<double>& inverse_temperature, double cost_factor,
+                                    const std::vector<double>& inverse_temperature,
+                                    const std::vector<double>& likelihood_scale, double cost_factor,
                                     double variance_floor, double epsilon, const torch::Tensor& routing,
                                     const torch::Tensor& means, const torch::Tensor& variances, const torch::Tensor& acts,
                                     const torch::Tensor& data, const torch::Tensor& log_variances,
@@ -888,8 +898,8 @@ std::vector<torch::Tensor> backward(const torch::Tensor& windows, const torch::T
   AT_DISPATCH_FLOATING_TYPES(windows.scalar_type(), "blocked_routing_backward", [&] {
     pybind11::gil_scoped_release no_gil;
     Layer<scalar_t> g = make_layer<scalar_t>(windows, transforms, offsets, activations, beta_v, beta_a, prior,
-                                             slot_child, child_positions, types, inverse_temperature, cost_factor,
-                                             variance_floor, epsilon);
+                                             slot_child, child_positions, types, inverse_temperature,
+                                             likelihood_scale, cost_factor, variance_floor, epsilon);
     Stats<scalar_t> stats{means.data_ptr<scalar_t>(), variances.data_ptr<scalar_t>(), acts.data_ptr<scalar_t>(),
                           data.data_ptr<scalar_t>(), log_variances.data_ptr<scalar_t>(), residuals.data_ptr<scalar_t>(),
                           g.blocks(), Cp};
