@@ -32,10 +32,11 @@ TRITON_MISSING = triton_cpu_skip_reason() is not None and "not importable" in (t
 needs_interpreter = pytest.mark.skipif(triton_cpu_skip_reason() is not None, reason=str(triton_cpu_skip_reason()))
 
 
-def layer_pair(make_layer, dtype: torch.dtype, iterations: int = 3):
+def layer_pair(make_layer, dtype: torch.dtype, iterations: int = 3, e_step_scales: tuple[float, ...] = ()):
     """The same layer (same weights) with the naive and the triton routing."""
-    naive = make_layer(EMRoutingConfig(iterations=iterations, implementation="naive")).to(dtype)
-    triton = make_layer(EMRoutingConfig(iterations=iterations, implementation="triton")).to(dtype)
+    naive = make_layer(EMRoutingConfig(iterations=iterations, implementation="naive", e_step_scales=e_step_scales))
+    triton = make_layer(EMRoutingConfig(iterations=iterations, implementation="triton", e_step_scales=e_step_scales))
+    naive, triton = naive.to(dtype), triton.to(dtype)
     triton.load_state_dict(naive.state_dict())
     return naive, triton
 
@@ -297,16 +298,17 @@ def cuda_skip_reason() -> str | None:
 class TestCompiledOnCuda:
     """The compiled kernel on a GPU, against ``naive`` on the same GPU."""
 
+    @pytest.mark.parametrize("e_step_scales", [(), (1.0, 0.2)])  # the paper's E-steps; the second softened
     @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
     @pytest.mark.parametrize("layer_kind", ["conv", "conv_padded", "class"])
-    def test_outputs_and_gradients_equal_naive(self, layer_kind, dtype, tolerance):
+    def test_outputs_and_gradients_equal_naive(self, layer_kind, dtype, tolerance, e_step_scales):
         makers = {
             "conv": lambda routing: ConvCaps(8, 16, 3, 2, routing=routing),
             "conv_padded": lambda routing: ConvCaps(8, 16, 3, 1, 1, routing=routing),
             "class": lambda routing: ClassCaps(8, 5, routing=routing),
         }
         torch.manual_seed(10)
-        naive, triton = (layer.cuda() for layer in layer_pair(makers[layer_kind], dtype))
+        naive, triton = (layer.cuda() for layer in layer_pair(makers[layer_kind], dtype, e_step_scales=e_step_scales))
         poses, activations = (t.cuda() for t in random_inputs(7, 8, dtype, seed=11, batch=4))
         results = []
         for layer in (naive, triton):
