@@ -24,6 +24,7 @@ from matcaps.layers import ClassCaps, ConvCaps, RoutedCapsules
 from matcaps.routing import EMRoutingConfig, RoutingGeometry, route_capsules
 from matcaps.routing import blocked, cpu_kernel
 from matcaps.routing.blocked import LANES, trace_blocked_routing
+from routing_support import assert_relatively_close, outputs_and_gradients
 
 SOURCE_ROOT = Path(__file__).resolve().parents[1] / "src"
 
@@ -35,31 +36,6 @@ def blocked_trace(layer: RoutedCapsules, poses: torch.Tensor, activations: torch
         inputs.windows, inputs.transforms, inputs.child_activations, layer.beta_v, layer.beta_a,
         inputs.geometry, layer.routing, inputs.vote_offsets,
     )  # fmt: skip
-
-
-def outputs_and_gradients(layer, poses: torch.Tensor, activations: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Routed poses and activations, and the gradients of a random linear function of them."""
-    poses = poses.clone().requires_grad_()
-    activations = activations.clone().requires_grad_()
-    layer.zero_grad()
-    out_poses, out_activations = layer(poses, activations)
-    generator = torch.Generator().manual_seed(11)
-    pose_weights = torch.randn(out_poses.shape, generator=generator, dtype=torch.float64).to(out_poses.dtype)
-    activation_weights = torch.randn(out_activations.shape, generator=generator, dtype=torch.float64).to(out_poses.dtype)
-    ((out_poses * pose_weights).sum() + (out_activations * activation_weights).sum()).backward()
-    results = {"poses": out_poses.detach(), "activations": out_activations.detach()}
-    results["grad poses"], results["grad activations"] = poses.grad, activations.grad
-    results.update({f"grad {name}": p.grad for name, p in layer.named_parameters()})
-    return results
-
-
-def assert_relatively_close(got: dict, expected: dict, tolerance: float) -> None:
-    """Each tensor within ``tolerance`` of the other, relative to its largest entry."""
-    assert got.keys() == expected.keys()
-    for name, value in expected.items():
-        scale = value.abs().max().item()
-        error = (got[name].double() - value.double()).abs().max().item()
-        assert error <= tolerance * scale, f"{name}: max error {error:.3g} vs scale {scale:.3g}"
 
 
 def conv_layer(in_types: int, out_types: int, kernel: int, stride: int, padding: int = 0):

@@ -12,6 +12,7 @@ from em_reference import Constants, class_caps_links, conv_caps_links, em_route
 from matcaps.errors import ConfigError
 from matcaps.layers import ClassCaps, ConvCaps
 from matcaps.routing import ROUTING_IMPLEMENTATIONS, EMRoutingConfig
+from routing_support import assert_relatively_close, outputs_and_gradients
 
 #: Scales of the E-steps of 3 iterations: the second softened (the curriculum's case), both
 #: changed, and the first sharpened with the second left at 1.
@@ -81,22 +82,6 @@ def test_class_caps_match_the_loop_reference(implementation):
             np.testing.assert_allclose(out_activations[sample, c].item(), trace.activation[-1][(0, c)], rtol=1e-9)
 
 
-def outputs_and_gradients(layer, poses: torch.Tensor, activations: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Routed poses and activations, and the gradients of a fixed random linear function of them."""
-    poses = poses.clone().requires_grad_()
-    activations = activations.clone().requires_grad_()
-    layer.zero_grad()
-    out_poses, out_activations = layer(poses, activations)
-    generator = torch.Generator().manual_seed(11)
-    loss = (out_poses * torch.randn(out_poses.shape, generator=generator, dtype=torch.float64)).sum()
-    loss = loss + (out_activations * torch.randn(out_activations.shape, generator=generator, dtype=torch.float64)).sum()
-    loss.backward()
-    results = {"poses": out_poses.detach(), "activations": out_activations.detach(),
-               "grad poses": poses.grad, "grad activations": activations.grad}  # fmt: skip
-    results.update({f"grad {name}": p.grad for name, p in layer.named_parameters()})
-    return results
-
-
 @pytest.mark.parametrize("implementation", HAND_WRITTEN)
 @pytest.mark.parametrize("scales", SCALES)
 def test_hand_written_gradients_equal_autograd_of_the_naive_routing(implementation, scales):
@@ -107,9 +92,7 @@ def test_hand_written_gradients_equal_autograd_of_the_naive_routing(implementati
     paper_layer, _, _ = conv_case((), "naive")
     paper_layer.load_state_dict(layer.state_dict())
     paper = outputs_and_gradients(paper_layer, poses, activations)
-    for name, value in expected.items():
-        scale = value.abs().max().item()
-        assert (got[name] - value).abs().max().item() <= 1e-9 * scale, name
+    assert_relatively_close(got, expected, 1e-9)
     assert (paper["grad weight"] - expected["grad weight"]).abs().max() > 1e-6 * expected["grad weight"].abs().max()
 
 
