@@ -5,32 +5,34 @@ A GPU machine may be available for minutes only, without network access, with Py
 Triton, tensorboard, tqdm and matplotlib installed.  This script spends that time measuring:
 
 1. the environment (``nvidia-smi``, versions) and the data (MNIST and Fashion-MNIST prepared from
-   the raw IDX files in ``--raw`` with ``matcaps data --no-download``);
-2. ``matcaps bench --device cuda`` for the routing implementations (and ``scripts/triton_check.py``
-   when it exists);
-3. a learning-speed sweep: several settings of the capsule network trained side by side on MNIST
-   (2 routing iterations) with frequent validation; after ``--sweep-seconds`` the setting with the
-   best validation accuracy (at the last step every sweep run reached) is the winner, the other
-   sweep runs stop (the IBM setting and the winner continue), and the winner's setting trains the
-   other routing-iteration counts and Fashion-MNIST until the deadline; the CNN baseline trains on
-   both datasets from the start;
+   the raw IDX files in ``--raw`` with ``matcaps data --no-download``), while the CUDA tests run
+   (:data:`CUDA_TESTS`: the compiled Triton kernel against ``naive``, checkpoints on CUDA);
+2. ``matcaps bench --device cuda`` (:data:`BENCHES`: every GPU routing implementation in fp32 and
+   bf16 autocast at batch 64, and at the largest batch that fits, ``--batch-size max``), with the
+   GPU to itself;
+3. the trainings of :data:`TRAININGS`, side by side until they end or the deadline
+   (``--max-minutes``): fine-tunes of the published 2-iteration MNIST network with 2 and with 3
+   routing iterations, the second E-step's likelihood scale τ (``routing.e_step_scales``) swept;
 4. ``matcaps test`` (whole test set, best validation checkpoint) and ``matcaps plot`` of every run;
 5. the results packed into at most 8 files under OUT (the device tool's limit), each under 16 MiB.
 
-Every training stops by itself at the deadline (``--max-minutes``) with a checkpoint, so the runs
-can be continued elsewhere with ``matcaps train --resume``.  Nothing here stops on a failure: each
-step's output goes to its own log, and what failed is listed in ``summary.json``.
+Every training stops by itself at the deadline with a checkpoint, so a run can be continued
+elsewhere with ``matcaps train --resume``.  Nothing here stops on a failure: each step's output
+goes to its own log, and what failed is listed in ``summary.json``.  Earlier sessions' plans (a
+learning-speed sweep, determinism checks) are in the git history of this file; their results are
+in ``docs/runs/h200-2026-11-26``.
 
 Usage (on the GPU machine, from the repository root)::
 
-    python3 scripts/gpu_check.py OUT --raw gpu-data --budget 570
+    python3 scripts/gpu_check.py OUT --raw gpu-data --budget 550
 
-``--dry-run`` runs the same flow on CPU with tiny time limits (to check the script itself).
+``--dry-run`` runs the same flow on CPU with tiny limits (to check the script itself).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -46,41 +48,43 @@ PYTHON = sys.executable
 #: The device tool returns at most 8 files of at most 16 MiB each.
 MAX_RESULT_FILES = 8
 MAX_RESULT_BYTES = 15 * 1024 * 1024
-
-#: Settings of the learning-speed sweep (MNIST, 2 iterations), as `matcaps train` flags.  "ibm" is
-#: the IBM recipe (the project's defaults until the sweep says otherwise).
-SWEEP: dict[str, list[str]] = {
-    "ibm": [],
-    "lr1e-2": ["--lr", "1e-2"],
-    "lr1e-3": ["--lr", "1e-3"],
-    "wstd0.3": ["--model-option", "transform_init_std=0.3"],
-    "lam0.1-ba100": ["--model-option", "routing.final_inverse_temperature=0.1",
-                     "--model-option", "beta_a_init_mean=-100", "--model-option", "beta_a_init_std=50"],
-    "lam0.03-ba333": ["--model-option", "routing.final_inverse_temperature=0.03",
-                      "--model-option", "beta_a_init_mean=-333", "--model-option", "beta_a_init_std=167"],
-    "margin-fast": ["--margin-steps", "2000"],
-    "floor1e-4": ["--model-option", "routing.variance_floor=1e-4"],
-}
-#: Runs started with the winner's setting once the sweep is decided: (name, flags).
-WINNER_RUNS: list[tuple[str, list[str]]] = [
-    ("mnist-i1", ["--dataset", "mnist", "--iters", "1"]),
-    ("mnist-i3", ["--dataset", "mnist", "--iters", "3"]),
-    ("fashion-i2", ["--dataset", "fashion-mnist", "--iters", "2"]),
-    ("fashion-i3", ["--dataset", "fashion-mnist", "--iters", "3"]),
-]
-#: Runs that train from the start to the deadline whatever the sweep finds.
-BASELINE_RUNS: list[tuple[str, list[str]]] = [
-    ("mnist-cnn", ["--dataset", "mnist", "--model", "cnn-baseline", "--lr", "1e-3"]),
-    ("fashion-cnn", ["--dataset", "fashion-mnist", "--model", "cnn-baseline", "--lr", "1e-3"]),
-]
 DATASETS = ("mnist", "fashion-mnist")
-#: Pairs of short identical trainings: with --deterministic their weights must be bit-identical.
-DETERMINISM_RUNS: list[tuple[str, list[str]]] = [
-    ("det-a", ["--deterministic"]), ("det-b", ["--deterministic"]), ("nondet-a", []), ("nondet-b", []),
+
+#: pytest runs on the GPU (the compiled Triton kernel needs ``TRITON_INTERPRET=0``), with their time limits.
+CUDA_TESTS: list[tuple[str, list[str], float]] = [
+    ("tests-triton-compiled", ["tests/test_routing_triton.py"], 120.0),
+    ("tests-checkpoint-cuda", ["tests/test_train_checkpoint.py", "-k", "cuda"], 60.0),
 ]
-DETERMINISM_STEPS = 30
-#: Longest wait for those runs once the sweep is decided (they take seconds on a GPU).
-DETERMINISM_WAIT_SECONDS = 30
+#: ``matcaps bench`` runs: (name, flags, seconds allowed).  The first verifies that the
+#: implementations agree (float64 outputs and gradients); the others skip that.
+BENCH_COMMON = ["--model", "smallnorb", "--iters", "2"]
+BENCHES: list[tuple[str, list[str], float]] = [
+    ("bench-smallnorb-b64-fp32", ["--batch-size", "64", "--routing-impl", "fused", "naive", "triton",
+                                  "--warmup", "2", "--steps", "6"], 70.0),
+    ("bench-smallnorb-max-fp32", ["--batch-size", "max", "--routing-impl", "fused", "naive", "triton",
+                                  "--warmup", "1", "--steps", "3", "--no-verify"], 130.0),
+    ("bench-smallnorb-b64-bf16", ["--batch-size", "64", "--routing-impl", "fused", "triton", "--precision", "bf16",
+                                  "--warmup", "2", "--steps", "6", "--no-verify"], 40.0),
+]
+#: Where the fine-tunes start: the published 2-iteration network (docs/runs, README results table).
+MNIST_SOURCE = "docs/runs/cpu-2026-11-26/mnist-i2-shift-36"
+#: A shorter form of the fine-tune recipe of docs/learning-speed.md ("A softer second E-step": 3 epochs at
+#: 3e-4, ÷10 after 2): 2 epochs at 3e-4, ÷10 after 1.5, so that six runs side by side end within minutes.
+FINETUNE = ["--epochs", "2", "--lr", "3e-4", "--lr-drop-steps", "1289", "--seed", "0", "--val-every-steps", "215"]
+
+
+def _scaled(tau: float) -> list[str]:
+    return ["--iters", "3", "--model-option", f"routing.e_step_scales=[1,{tau}]"]
+
+
+#: Trainings run side by side: (name, flags).  Each MNIST fine-tune starts from MNIST_SOURCE
+#: (99.30 % test with 2 iterations); 2 iterations is the control, 3 iterations with τ = 1 the paper's routing.
+TRAININGS: list[tuple[str, list[str]]] = [
+    *[(name, ["--dataset", "mnist", "--canvas", "32", "--init-from", MNIST_SOURCE, *FINETUNE, *flags])
+      for name, flags in [("mnist-ft-i2", ["--iters", "2"]), ("mnist-ft-i3", ["--iters", "3"]),
+                          ("mnist-ft-i3-tau0.5", _scaled(0.5)), ("mnist-ft-i3-tau0.3", _scaled(0.3)),
+                          ("mnist-ft-i3-tau0.2", _scaled(0.2)), ("mnist-ft-i3-tau0.1", _scaled(0.1))]],
+]
 
 
 @dataclass
@@ -164,46 +168,6 @@ def validation_records(run_dir: Path) -> list[dict]:
     return records
 
 
-def choose_winner(runs_root: Path, names: list[str]) -> tuple[str, dict]:
-    """The sweep setting with the best validation accuracy at the last step every run reached."""
-    curves = {name: {r["step"]: r["accuracy"] for r in validation_records(runs_root / name)} for name in names}
-    curves = {name: curve for name, curve in curves.items() if curve}
-    if not curves:
-        return "sweep-ibm", {"reason": "no sweep run validated; keeping the IBM setting", "curves": {}}
-    common = set.intersection(*(set(curve) for curve in curves.values()))
-    step = max(common) if common else None
-    if step is None:  # compare each run's latest validation
-        scores = {name: curve[max(curve)] for name, curve in curves.items()}
-    else:
-        scores = {name: curve[step] for name, curve in curves.items()}
-    winner = max(scores, key=lambda name: (scores[name], name == "ibm"))
-    return winner, {"step": step, "scores": scores, "curves": {n: sorted(c.items()) for n, c in curves.items()}}
-
-
-def compare_weights(root: Path, jobs: list[Job]) -> dict:
-    """Whether pairs of runs ended bit-identical: two deterministic runs, two default runs, and a
-    deterministic run against one stopped half-way and resumed (resumption on the GPU)."""
-    deadline = time.monotonic() + DETERMINISM_WAIT_SECONDS
-    for job in jobs:
-        try:
-            job.process.wait(timeout=max(deadline - time.monotonic(), 1))
-        except subprocess.TimeoutExpired:
-            job.stop()
-    import torch
-
-    result = {}
-    pairs = {"det": ("det-a", "det-b"), "nondet": ("nondet-a", "nondet-b"), "resumed": ("det-a", "det-resumed")}
-    for pair, names in pairs.items():
-        try:
-            first, second = (torch.load(root / name / "last.pt", map_location="cpu", weights_only=True)["model"]
-                             for name in names)
-            differing = [name for name in first if not torch.equal(first[name], second[name])]
-            result[pair] = {"identical": not differing, "differing_tensors": differing}
-        except Exception as error:  # noqa: BLE001 - reported, never fatal
-            result[pair] = {"error": f"{type(error).__name__}: {error}"}
-    return result
-
-
 def pack(out: Path, runs_root: Path, clock: Clock) -> list[str]:
     """Tar the run directories into a few files under the device tool's size limit."""
     made = []
@@ -237,11 +201,10 @@ def main() -> int:
     parser.add_argument("out", type=Path, help="folder for the results (at most 8 files end up there)")
     parser.add_argument("--raw", type=Path, default=REPO / "gpu-data",
                         help="folder holding <dataset>/raw/*.gz for mnist and fashion-mnist")
-    parser.add_argument("--budget", type=float, default=570.0, help="seconds for everything")
-    parser.add_argument("--sweep-seconds", type=float, default=150.0, help="seconds before the sweep is decided")
-    parser.add_argument("--reserve", type=float, default=60.0, help="seconds kept for testing and packing")
-    parser.add_argument("--min-training", type=float, default=380.0,
-                        help="seconds of training the benchmarks must leave (they are cut short otherwise)")
+    parser.add_argument("--budget", type=float, default=550.0, help="seconds for everything")
+    parser.add_argument("--reserve", type=float, default=50.0, help="seconds kept for testing and packing")
+    parser.add_argument("--min-training", type=float, default=200.0,
+                        help="seconds of training the tests and benchmarks must leave (they are cut short otherwise)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/matcaps-gpu"), help="scratch folder")
     parser.add_argument("--dry-run", action="store_true", help="the same flow on CPU with tiny limits")
     args = parser.parse_args()
@@ -258,7 +221,11 @@ def main() -> int:
     device = "cpu" if args.dry_run else "cuda"
     summary: dict = {"device": device, "failures": [], "phases": {}}
 
-    # 1. Environment and data.
+    def time_left_for(wanted: float) -> float:
+        """``wanted`` seconds, or less so that the trainings keep their minimum."""
+        return max(min(wanted, clock.left() - args.reserve - args.min_training), 1.0)
+
+    # 1. Environment and data, while the CUDA tests run.
     run(["nvidia-smi"] if shutil.which("nvidia-smi") else ["true"], logs / "nvidia-smi.txt", 20, env)
     run([PYTHON, "-c", "import torch, platform; print(platform.python_version(), torch.__version__, torch.version.cuda, "
          "torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no cuda')"], logs / "versions.txt", 60, env)
@@ -271,97 +238,53 @@ def main() -> int:
             shutil.copy(path, target / path.name)
         preparations.append(Job(f"data-{dataset}", matcaps("data", dataset, "--root", str(data_root), "--no-download"),
                                 logs / f"data-{dataset}.txt").start(env))
-    for job in preparations:
-        if job.process.wait() != 0:
-            summary["failures"].append(job.name)
-    log(out, clock, f"data prepared ({', '.join(DATASETS)}); failures so far: {summary['failures']}")
-
-    # 2. Benchmarks (before the trainings, so they have the GPU to themselves).
-    bench_common = ["--device", device, "--warmup", "2", "--steps", "3" if args.dry_run else "8"]
-    benches = [
-        ("bench-smallnorb-b64-fp32", ["--model", "smallnorb", "--batch-size", "64", "--iters", "2",
-                                      "--routing-impl", "fused", "naive"]),
-        ("bench-smallnorb-b64-bf16", ["--model", "smallnorb", "--batch-size", "64", "--iters", "2",
-                                      "--routing-impl", "fused", "--precision", "bf16"]),
-    ]
-    if args.dry_run:
-        benches = [(name, [*flags, "--set", "conv1_channels=8", "--batch-size", "4"]) for name, flags in benches[:1]]
-        benches = [(name, [a if a != "bf16" else "fp32" for a in flags]) for name, flags in benches]
-    for index, (name, flags) in enumerate(benches):
-        checks = [] if index == 0 else ["--no-verify"]  # the implementations are compared once, in float64
-        code = run(matcaps("bench", *flags, *bench_common, *checks, "--json", str(logs / f"{name}.json")),
-                   logs / f"{name}.txt", min((45, 25)[index] if not args.dry_run else 60,
-                                                        clock.left() - args.reserve - args.min_training), env)
+    tests = CUDA_TESTS if not args.dry_run else [("tests-dry-run", ["tests/test_bench_fit.py"], 60.0)]
+    test_env = {**env, "TRITON_INTERPRET": "0" if not args.dry_run else "1"}
+    if importlib.util.find_spec("pytest") is None:  # the GPU machine may lack it: the script checks the kernel
+        log(out, clock, "pytest is not installed: scripts/triton_check.py checks the compiled kernel instead")
+        tests = [("triton-check-scaled", None, 90.0)]
+    for name, arguments, seconds in tests:
+        if arguments is None:
+            command = [PYTHON, str(REPO / "scripts" / "triton_check.py"), "--repeats", "5", "--iterations", "3",
+                       "--e-step-scales", "1", "0.2", *(["--device", "cpu", "--batch", "2"] if args.dry_run else [])]
+        else:
+            command = [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", *arguments]
+        code = run(command, logs / f"{name}.txt", time_left_for(seconds), test_env)
         summary["phases"][name] = code
         if code != 0:
             summary["failures"].append(name)
-    triton_check = REPO / "scripts" / "triton_check.py"
-    if triton_check.exists() and not args.dry_run:
-        summary["phases"]["triton_check"] = run([PYTHON, str(triton_check)], logs / "triton-check.txt",
-                                                min(40, clock.left() - args.reserve - args.min_training), env)
+    for job in preparations:
+        if job.process.wait() != 0:
+            summary["failures"].append(job.name)
+    log(out, clock, f"data prepared, tests run: {summary['phases']}; failures so far: {summary['failures']}")
+
+    # 2. Benchmarks, with the GPU to themselves.
+    benches = BENCHES
+    if args.dry_run:  # a tiny network, a small batch, the CPU-capable implementations
+        benches = [("bench-dry-run", ["--batch-size", "4", "--routing-impl", "fused", "naive", "--warmup", "0",
+                                      "--steps", "1", "--set", "conv1_channels=8"], 60.0)]
+    for name, flags, seconds in benches:
+        code = run(matcaps("bench", *BENCH_COMMON, *flags, "--device", device, "--json", str(logs / f"{name}.json")),
+                   logs / f"{name}.txt", time_left_for(seconds), env)
+        summary["phases"][name] = code
+        if code != 0:
+            summary["failures"].append(name)
     log(out, clock, f"benchmarks done: {summary['phases']}")
 
-    # 3. Trainings: sweep + baselines now, the winner's runs after the sweep, all until the deadline.
+    # 3. Trainings, side by side until they end or the deadline.
     deadline = args.budget - args.reserve
-    common = ["--data-root", str(data_root), "--device", device, "--no-progress", "--workers", "1",
-              "--log-every", "100", "--histogram-every", "2000", "--checkpoint-every", "1000", "--epochs", "200",
-              "--val-every-steps", "150" if not args.dry_run else "4"]
+    common = ["--data-root", str(data_root), "--device", device, "--routing-impl", "fused", "--no-progress",
+              "--workers", "1", "--log-every", "100", "--histogram-every", "100000", "--checkpoint-every", "500"]
+    trainings = TRAININGS
     if args.dry_run:
-        common += ["--val-size", "256", "--model-option", "conv1_channels=8"]
-
-    def train(name: str, flags: list[str]) -> Job:
-        minutes = max((deadline - clock.now()) / 60.0, 0.1)
-        command = matcaps("train", "--run-dir", str(runs_root / name), *common, *flags, "--max-minutes", f"{minutes:.3f}")
-        return Job(name, command, logs / f"train-{name}.txt").start(env)
-
-    sweep, winner_runs, baseline_runs = SWEEP, WINNER_RUNS, BASELINE_RUNS
-    if args.dry_run:  # the same flow with fewer processes
-        sweep = {name: SWEEP[name] for name in list(SWEEP)[:2]}
-        winner_runs, baseline_runs = WINNER_RUNS[2:3], BASELINE_RUNS[:1]
+        common += ["--val-size", "256", "--max-steps", "6", "--val-every-steps", "3"]
+        trainings = [TRAININGS[0], TRAININGS[4]]
     jobs: dict[str, Job] = {}
-    for name, flags in baseline_runs:
-        jobs[name] = train(name, flags)
-    sweep_names = [f"sweep-{name}" for name in sweep]
-    for name, flags in sweep.items():
-        jobs[f"sweep-{name}"] = train(f"sweep-{name}", ["--dataset", "mnist", "--iters", "2", *flags])
-    determinism_root = work / "determinism"
-    steps = DETERMINISM_STEPS if not args.dry_run else 4
-
-    def short_run(name: str, max_steps: int, *flags: str) -> list[str]:
-        return matcaps("train", "--run-dir", str(determinism_root / name), "--data-root", str(data_root), "--device",
-                       device, "--no-progress", "--workers", "0", "--dataset", "mnist", "--no-validation",
-                       "--checkpoint-every", "0", "--max-steps", str(max_steps), *flags)
-
-    determinism_jobs = [Job(name, short_run(name, steps, *flags), logs / f"determinism-{name}.txt").start(env)
-                        for name, flags in DETERMINISM_RUNS]
-    # Resume on CUDA: half the steps, then --resume to the end; must equal det-a bit for bit.
-    resume_first = " ".join(short_run("det-resumed", steps // 2, "--deterministic"))
-    resume_rest = " ".join(matcaps("train", "--resume", str(determinism_root / "det-resumed"), "--max-steps", str(steps),
-                                   "--no-progress"))
-    determinism_jobs.append(Job("det-resumed", ["sh", "-c", f"{resume_first} && {resume_rest}"],
-                                logs / "determinism-det-resumed.txt").start(env))
-    log(out, clock, f"started {len(jobs)} trainings")
-    sweep_end = clock.now() + args.sweep_seconds
-    while clock.now() < sweep_end and any(jobs[n].running() for n in sweep_names):
-        time.sleep(2)
-    summary["determinism"] = compare_weights(determinism_root, determinism_jobs)
-    log(out, clock, f"determinism: {summary['determinism']}")
-    winner, decision = choose_winner(runs_root, sweep_names)
-    winner_setting = winner.removeprefix("sweep-")
-    summary["sweep"] = {"winner": winner_setting, "flags": SWEEP.get(winner_setting, []), **decision}
-    log(out, clock, f"sweep winner: {winner_setting} {decision.get('scores')}")
-    keep = {"sweep-ibm", winner}
-    if winner == "sweep-ibm":
-        scores = decision.get("scores", {})
-        runner_up = max((n for n in scores if n != "sweep-ibm"), key=lambda n: scores[n], default=None)
-        if runner_up:
-            keep.add(runner_up)
-    for name in sweep_names:
-        if name not in keep:
-            jobs[name].stop()
-    for name, flags in winner_runs:
-        jobs[name] = train(name, [*flags, *SWEEP.get(winner_setting, [])])
-    log(out, clock, f"kept {sorted(keep)}; started {[n for n, _ in winner_runs]} with {winner_setting}")
+    minutes = max((deadline - clock.now()) / 60.0, 0.1)
+    for name, flags in trainings:
+        command = matcaps("train", "--run-dir", str(runs_root / name), *flags, *common, "--max-minutes", f"{minutes:.3f}")
+        jobs[name] = Job(name, command, logs / f"train-{name}.txt").start(env)
+    log(out, clock, f"started {len(jobs)} trainings for {minutes:.2f} min")
     while any(job.running() for job in jobs.values()) and clock.left() > args.reserve - 25:
         time.sleep(2)
     for job in jobs.values():
@@ -376,7 +299,7 @@ def main() -> int:
     finals = []
     for run_dir in sorted(p for p in runs_root.iterdir() if (p / "best.pt").exists()):
         finals.append(Job(f"test-{run_dir.name}", matcaps("test", str(run_dir), "--device", device, "--no-progress",
-                                                          "--workers", "2"), logs / f"test-{run_dir.name}.txt").start(env))
+                                                          "--workers", "1"), logs / f"test-{run_dir.name}.txt").start(env))
         finals.append(Job(f"plot-{run_dir.name}", matcaps("plot", str(run_dir)), logs / f"plot-{run_dir.name}.txt").start(env))
     for job in finals:
         try:

@@ -13,7 +13,7 @@ For the three routed layers (ConvCaps1, ConvCaps2, ClassCaps) of the ``smallnorb
 
 A failure of one check is printed and the script goes on.  Run from the repository root:
 
-    PYTHONPATH=src python scripts/triton_check.py [--batch 32] [--repeats 20]
+    PYTHONPATH=src python scripts/triton_check.py [--batch 32] [--repeats 20] [--iterations 3 --e-step-scales 1 0.2]
 """
 
 from __future__ import annotations
@@ -146,13 +146,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cuda", help="cuda; cpu only for a dry run under TRITON_INTERPRET=1")
+    parser.add_argument("--iterations", type=int, default=None, help="routing iterations (default: the presets')")
+    parser.add_argument("--e-step-scales", type=float, nargs="*", default=None, metavar="TAU",
+                        help="likelihood scale of each E-step (routing.e_step_scales; default: the paper's, none)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("FAIL: no CUDA device")
         return
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)"
-    print(f"device: {name}, torch {torch.__version__}")
+    print(f"device: {name}, torch {torch.__version__}; routing changes: iterations={args.iterations}, "
+          f"e_step_scales={args.e_step_scales}")
     try:
         import triton
 
@@ -164,7 +168,13 @@ def main() -> None:
     for preset in PRESETS:
         try:
             model, inputs = layer_inputs(preset, args.batch, device)
-            cases += [(preset, name, getattr(model, name), *inputs[name]) for name in LAYERS]
+            for name in LAYERS:
+                layer = getattr(model, name)
+                changes = {"iterations": args.iterations} if args.iterations is not None else {}
+                if args.e_step_scales is not None:
+                    changes["e_step_scales"] = tuple(args.e_step_scales)
+                layer.routing = dataclasses.replace(layer.routing, **changes)
+                cases.append((preset, name, layer, *inputs[name]))
         except Exception:
             all_ok = False
             print(f"FAIL {preset}: could not build the network")

@@ -37,6 +37,8 @@ DEFAULT_WARMUP = 2
 DEFAULT_PROFILE_ROWS = 20
 #: Seed of the random weights, images and labels (the same for every implementation).
 DEFAULT_SEED = 0
+#: ``--batch-size`` value asking for the largest training batch that fits (CUDA only; see :mod:`matcaps.bench.fit`).
+LARGEST_BATCH = "max"
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,9 @@ class BenchConfig:
         model: Name of a model preset (``smallnorb``, ``hinton-large``, ``mnist``).
         model_options: Changes to the preset's top-level :class:`CapsNetConfig` fields
             (``--set KEY=VALUE``), e.g. a smaller network for quick checks.
-        batch_size: Images per step ``N``.
+        batch_size: Images per step ``N``, or :data:`LARGEST_BATCH` (``"max"``): for each
+            implementation the largest training batch that fits in the GPU's memory, found by
+            :func:`matcaps.bench.fit.find_largest_batch` (CUDA only).
         iterations: EM-routing iterations (1 to 3).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (:func:`~matcaps.bench.runner.run_bench`
             resolves ``auto`` before measuring).
@@ -71,7 +75,7 @@ class BenchConfig:
 
     model: str = "smallnorb"
     model_options: dict[str, Any] = field(default_factory=dict)
-    batch_size: int = 32
+    batch_size: int | str = 32
     iterations: int = 2
     device: str = "cpu"
     dtype: str = "fp32"
@@ -98,7 +102,11 @@ class BenchConfig:
                 f"--iters: routing iterations must be one of {', '.join(map(str, ITERATION_CHOICES))}, "
                 f"got {self.iterations!r}"
             )
-        _check_positive("--batch-size", self.batch_size)
+        if self.batch_size != LARGEST_BATCH:
+            _check_positive("--batch-size", self.batch_size)
+        if self.batch_size == LARGEST_BATCH and self.device == "cpu":
+            raise ConfigError(f"--batch-size {LARGEST_BATCH}: needs a CUDA device (--device cuda); on a CPU memory "
+                              "runs out by swapping, not with an error the search can catch")
         _check_positive("--steps", self.steps)
         _check_positive("--profile-rows", self.profile_rows)
         if not isinstance(self.warmup, int) or self.warmup < 0:
@@ -176,3 +184,13 @@ def parse_model_option(text: str) -> tuple[str, Any]:
 def _check_positive(option: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{option}: must be a positive integer, got {value!r}")
+
+
+def parse_batch_size(text: str) -> int | str:
+    """``--batch-size``: a positive integer (checked by :class:`BenchConfig`) or :data:`LARGEST_BATCH`."""
+    if text.strip().lower() == LARGEST_BATCH:
+        return LARGEST_BATCH
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--batch-size: expected a positive integer or {LARGEST_BATCH!r}, got {text!r}") from None

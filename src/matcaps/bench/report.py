@@ -8,7 +8,9 @@ JSON layout (``schema`` ``matcaps-bench/1``)::
              load_average_after},
     verification {reference, max_relative_difference {impl: float}} or null,
     kernels {impl: {available, seconds}} (compiled kernels built before timing; may be empty),
-    results {impl: {implementation, allocator {name, applied, settings, glibc, note},
+    results {impl: {implementation, batch_size (the batch timed), batch_search (null, or the
+                    [size, fitted] probes of --batch-size max),
+                    allocator {name, applied, settings, glibc, note},
                     threads, device_name, torch_version, parameters, first_loss,
                     memory_method, profile, routing_kernel (null, compiled or fused fallback),
                     train | inference: {median_ms, min_ms, max_ms, step_ms, images_per_s,
@@ -40,7 +42,7 @@ REPORT_KEYS: tuple[str, ...] = (
 )  # fmt: skip
 #: Keys of each implementation's result.
 RESULT_KEYS: tuple[str, ...] = (
-    "implementation", "allocator", "threads", "device_name", "torch_version", "parameters",
+    "implementation", "batch_size", "batch_search", "allocator", "threads", "device_name", "torch_version", "parameters",
     "first_loss", "memory_method", "profile", "routing_kernel", "train", "inference",
 )  # fmt: skip
 #: Keys of each phase (train, inference) of a result.
@@ -63,7 +65,7 @@ def format_report(report: dict[str, Any]) -> str:
         for name, r in results.items()
     )
     lines = [
-        f"model {report['model']['name']} ({report['model']['parameters']:,} parameters), batch {config['batch_size']}, "
+        f"model {report['model']['name']} ({report['model']['parameters']:,} parameters), {_batch(config, results)}, "
         f"{config['iterations']} routing iteration{'s' if config['iterations'] > 1 else ''}, "
         f"{config['device']} {config['dtype']}{', torch.compile' if config['compile'] else ''}",
         f"machine: {machine['cpu_model']}, {machine['cores']} cores, {first['threads']} threads, "
@@ -82,6 +84,7 @@ def format_report(report: dict[str, Any]) -> str:
     for phase in ("train", "inference"):
         lines.append(_PHASE_TITLES[phase])
         rows = [
+            ("  batch (images / step)", lambda r: str(r.get("batch_size", config["batch_size"]))),
             ("  median ms / step", lambda r: f"{r[phase]['median_ms']:.1f}"),
             ("  min - max ms", lambda r: f"{r[phase]['min_ms']:.0f}-{r[phase]['max_ms']:.0f}"),
             ("  images / s (median)", lambda r: f"{r[phase]['images_per_s']:.1f}"),
@@ -147,6 +150,14 @@ def write_json(report: dict[str, Any], path: str | Path) -> None:
         path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     except OSError as error:
         raise ConfigError(f"--json {path}: cannot write the report: {error.strerror or error}") from None
+
+
+def _batch(config: dict[str, Any], results: dict[str, Any]) -> str:
+    """The batch of the title line: the number, or how ``--batch-size max`` resolved per implementation."""
+    if config["batch_size"] != "max":
+        return f"batch {config['batch_size']}"
+    found = ", ".join(f"{name} {result.get('batch_size')}" for name, result in results.items())
+    return f"batch: the largest training batch that fits ({found})"
 
 
 def _number(value: float | None) -> str:

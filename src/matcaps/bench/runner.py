@@ -19,11 +19,12 @@ from typing import Any
 
 import torch
 
-from matcaps.bench.config import BenchConfig
+from matcaps.bench.config import LARGEST_BATCH, BenchConfig
 from matcaps.bench.kernels import prepare_kernels
 from matcaps.bench.machine import load_average, machine_info
 from matcaps.bench.measure import PHASES
 from matcaps.bench.verify import compare_implementations
+from matcaps.bench.worker import FIT_PHASE
 from matcaps.errors import ConfigError, MatcapsError
 
 #: Version of the JSON report's layout.
@@ -104,15 +105,30 @@ def run_bench(config: BenchConfig, command: list[str] | None = None) -> dict[str
 def measure_implementation(config: BenchConfig, implementation: str) -> dict[str, Any]:
     """Measure both phases of ``implementation``, each in a fresh worker process.
 
+    With ``--batch-size max``, a first worker finds the largest training batch that fits
+    (:func:`matcaps.bench.fit.find_largest_batch`) and both phases are timed at that batch.
+
     Returns:
-        ``{"implementation", "allocator", "threads", "device_name", "torch_version",
-        "parameters", "first_loss", "memory_method", "profile", "train", "inference"}``;
-        ``profile`` is None or ``{"train": table, "inference": table, "trace": path}``.
+        ``{"implementation", "batch_size", "batch_search", "allocator", "threads", "device_name",
+        "torch_version", "parameters", "first_loss", "memory_method", "profile", "train",
+        "inference"}``; ``batch_search`` is None or ``[[size, fitted], ...]`` (every size the
+        search tried); ``profile`` is None or ``{"train": table, "inference": table, "trace": path}``.
     """
+    search = None
+    if config.batch_size == LARGEST_BATCH:
+        search = run_worker(config, implementation, FIT_PHASE)
+        if search["batch_size"] is None:
+            raise BenchWorkerError(
+                f"--batch-size {LARGEST_BATCH}: not even {search['tried'][0][0]} images per training step fit in the "
+                f"memory of {config.device} with --routing-impl {implementation}"
+            )
+        config = dataclasses.replace(config, batch_size=search["batch_size"])
     phases = {phase: run_worker(config, implementation, phase) for phase in PHASES}
     train = phases["train"]
     result: dict[str, Any] = {
         "implementation": implementation,
+        "batch_size": config.batch_size,
+        "batch_search": None if search is None else search["tried"],
         **{
             key: train[key]
             for key in ("allocator", "threads", "device_name", "torch_version", "parameters", "memory_method", "routing_kernel")
@@ -148,9 +164,12 @@ def run_worker(config: BenchConfig, implementation: str, phase: str) -> dict[str
 def ratios_to_baseline(
     results: dict[str, dict[str, Any]], baseline_name: str = BASELINE_IMPLEMENTATION
 ) -> dict[str, dict[str, float | None]] | None:
-    """Speed-up (the baseline's median time / this one's) and memory ratio of every implementation, per phase.
+    """Speed-up (this one's images per second / the baseline's) and memory ratio of every implementation, per phase.
 
-    None unless the baseline (``naive`` by default) and another implementation were both measured.
+    The images per second are the median step times and each result's ``batch_size`` (which
+    differ between implementations with ``--batch-size max``; a result without one counts as
+    the same batch as the baseline).  None unless the baseline (``naive`` by default) and
+    another implementation were both measured.
     """
     if baseline_name not in results or len(results) < 2:
         return None
@@ -159,7 +178,8 @@ def ratios_to_baseline(
     for name, result in results.items():
         ratios[name] = {}
         for phase in ("train", "inference"):
-            ratios[name][f"{phase}_speedup"] = baseline[phase]["median_ms"] / result[phase]["median_ms"]
+            batch_ratio = result.get("batch_size", 1) / baseline.get("batch_size", 1)
+            ratios[name][f"{phase}_speedup"] = batch_ratio * baseline[phase]["median_ms"] / result[phase]["median_ms"]
             memory = result[phase]["peak_memory_bytes"]
             ratios[name][f"{phase}_memory_ratio"] = (
                 memory / baseline[phase]["peak_memory_bytes"] if baseline[phase]["peak_memory_bytes"] else None
