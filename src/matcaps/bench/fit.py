@@ -12,6 +12,7 @@ reaches the timed processes.
 from __future__ import annotations
 
 import gc
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -121,5 +122,12 @@ def find_largest_batch(config: "BenchConfig", implementation: str) -> dict[str, 
     def make_step(batch: int) -> Callable[[], object]:
         return make_workload(model_config, batch, device, config.dtype, config.seed, config.compile).train_step
 
-    largest, tried = largest_fitting_batch(lambda batch: training_step_fits(make_step, batch))
+    def fits(batch: int) -> bool:
+        start = time.perf_counter()
+        fitted = training_step_fits(make_step, batch)
+        print(f"  --batch-size max, {implementation}: {batch} images per step {'fit' if fitted else 'do not fit'} "
+              f"({time.perf_counter() - start:.1f} s)", flush=True)
+        return fitted
+
+    largest, tried = largest_fitting_batch(fits)
     return {"batch_size": largest, "tried": [list(entry) for entry in tried]}

@@ -17,6 +17,7 @@ from matcaps.bench.config import (
     DTYPES,
     ITERATION_CHOICES,
     BenchConfig,
+    parse_batch_size,
     parse_model_option,
 )
 from matcaps.errors import ConfigError
@@ -57,7 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--set", dest="model_options", action="append", default=[], metavar="KEY=VALUE",
         help="change a field of the preset, e.g. --set conv1_channels=32 (repeatable)",
     )  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=32, help="images per step (default: 32)")
+    parser.add_argument(
+        "--batch-size", default="32", metavar="N|max",
+        help="images per step, or max: for each implementation the largest training batch that fits in the "
+             "GPU's memory, found by doubling and bisection (CUDA only) (default: 32)",
+    )  # fmt: skip
     parser.add_argument("--iters", type=int, default=2, metavar=_choices(map(str, ITERATION_CHOICES)),
                         help="EM-routing iterations (default: 2)")
     parser.add_argument("--device", default="cpu",
@@ -97,7 +102,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
         model=args.model,
         model_options=dict(parse_model_option(text) for text in args.model_options),
-        batch_size=args.batch_size,
+        batch_size=parse_batch_size(args.batch_size),
         iterations=args.iters,
         device=args.device,
         dtype=args.dtype,
