@@ -27,7 +27,7 @@ SEARCH_START = 64
 SEARCH_LIMIT = 1 << 16
 #: Bisection steps between the last fitting and the first failing power of two (3: within 1/8 of it).
 BISECT_STEPS = 3
-#: Found sizes are rounded down to a multiple of this (keeps the batch friendly to the kernels).
+#: Bisection points are rounded down to a multiple of this (keeps the batch friendly to the kernels).
 BATCH_MULTIPLE = 8
 #: Training steps per probe: the first allocates the optimiser state, the second is the steady state.
 PROBE_STEPS = 2
@@ -49,7 +49,7 @@ def largest_fitting_batch(
         start: The first size tried.
         limit: The largest size tried; returned if it fits.
         bisect_steps: Bisection steps after the doubling phase.
-        multiple: Sizes tried after ``start`` are multiples of this.
+        multiple: Bisection points are rounded down to multiples of this (doubling keeps ``start``'s factors).
 
     Returns:
         ``(largest, tried)``: the largest size that fitted (None if not even ``start`` did) and
