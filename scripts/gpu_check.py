@@ -152,21 +152,6 @@ def matcaps(*arguments: str) -> list[str]:
     return [PYTHON, "-m", "matcaps", *arguments]
 
 
-def validation_records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("phase") == "val" and record.get("accuracy") is not None:
-            records.append(record)
-    return records
-
-
 def pack(out: Path, runs_root: Path, clock: Clock) -> list[str]:
     """Tar the run directories into a few files under the device tool's size limit."""
     made = []

@@ -165,14 +165,14 @@ def main() -> None:
         print(f"FAIL: triton is not importable: {error}")
     all_ok = True
     cases = []
+    changes = {"iterations": args.iterations} if args.iterations is not None else {}
+    if args.e_step_scales is not None:
+        changes["e_step_scales"] = tuple(args.e_step_scales)
     for preset in PRESETS:
         try:
             model, inputs = layer_inputs(preset, args.batch, device)
             for name in LAYERS:
                 layer = getattr(model, name)
-                changes = {"iterations": args.iterations} if args.iterations is not None else {}
-                if args.e_step_scales is not None:
-                    changes["e_step_scales"] = tuple(args.e_step_scales)
                 layer.routing = dataclasses.replace(layer.routing, **changes)
                 cases.append((preset, name, layer, *inputs[name]))
         except Exception:

@@ -32,6 +32,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from matcaps.bench.config import LARGEST_BATCH
 from matcaps.bench.runner import PHASE_RESULT_KEYS
 from matcaps.errors import ConfigError
 
@@ -154,7 +155,7 @@ def write_json(report: dict[str, Any], path: str | Path) -> None:
 
 def _batch(config: dict[str, Any], results: dict[str, Any]) -> str:
     """The batch of the title line: the number, or how ``--batch-size max`` resolved per implementation."""
-    if config["batch_size"] != "max":
+    if config["batch_size"] != LARGEST_BATCH:
         return f"batch {config['batch_size']}"
     found = ", ".join(f"{name} {result.get('batch_size')}" for name, result in results.items())
     return f"batch: the largest training batch that fits ({found})"
