@@ -8,7 +8,9 @@ Usage (from the repository root)::
         --setting "iterations=3 e_step_scales=[1,0.2]" --out probe.json
 
 Each ``--setting`` is a space-separated list of ``EMRoutingConfig`` fields (values read as YAML)
-applied to every routed layer of the network; nothing is trained, the weights stay those of
+applied to every routed layer of the network, or, written ``LAYER.FIELD=VALUE``, to one layer
+(``conv_caps1``, ``conv_caps2``, ``class_caps``: ``CapsNetConfig.layer_routing``), e.g.
+``--setting "class_caps.iterations=3"``; nothing is trained, the weights stay those of
 ``RUN``'s ``best.pt``.  This is how docs/learning-speed.md measured what the third EM iteration does
 to the weights of a 2-iteration network, and what softening its second E-step undoes.  The
 validation images are those the run held out (its ``--val-size``, its seed), prepared as in
@@ -31,7 +33,7 @@ from torch.utils.data import Subset
 from matcaps.data import load_splits
 from matcaps.errors import MatcapsError
 from matcaps.fsutil import write_text_atomic
-from matcaps.models import build_model, model_config_from_dict
+from matcaps.models import CapsNetConfig, build_model, model_config_from_dict
 from matcaps.scoring import evaluate_model
 from matcaps.train.checkpoint import load_checkpoint, resolve_checkpoint
 from matcaps.train.config import TrainConfig, data_config
@@ -46,6 +48,17 @@ def parse_setting(text: str) -> dict[str, Any]:
             raise argparse.ArgumentTypeError(f"a setting is KEY=VALUE items separated by spaces, got {item!r}")
         setting[key] = yaml.safe_load(value)
     return setting
+
+
+def apply_setting(saved: CapsNetConfig, setting: dict[str, Any], implementation: str) -> CapsNetConfig:
+    """``saved`` with the setting's plain fields changed in ``routing`` and its ``LAYER.FIELD`` ones in that layer."""
+    shared = {key: value for key, value in setting.items() if "." not in key}
+    layers = {layer: dict(changes) for layer, changes in saved.layer_routing.items()}
+    for key, value in setting.items():
+        if "." in key:
+            layer, _, name = key.partition(".")
+            layers.setdefault(layer, {})[name] = value
+    return saved.replace(routing={**shared, "implementation": implementation}, layer_routing=layers)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,9 +80,11 @@ def main(argv: list[str] | None = None) -> int:
             raise MatcapsError(f"{path} was trained without a validation set")
         images = Subset(splits.val, range(min(args.images, len(splits.val))))
         saved = model_config_from_dict(payload["model_config"])
+        if not isinstance(saved, CapsNetConfig):
+            raise MatcapsError(f"{path} holds the CNN baseline, which has no routing to probe")
         results = []
         for setting in args.setting:
-            model_config = saved.replace(routing={**setting, "implementation": args.implementation})
+            model_config = apply_setting(saved, setting, args.implementation)
             model = build_model(model_config)
             model.load_state_dict(payload["model"])
             started = time.perf_counter()

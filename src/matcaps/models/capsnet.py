@@ -63,13 +63,16 @@ class CapsNet(nn.Module):
         )
         self.primary_caps = PrimaryCaps(c.conv1_channels, c.primary_types, c.pose_size)
         self.conv_caps1 = ConvCaps(
-            c.primary_types, c.conv_caps1_types, c.conv_caps1_kernel, c.conv_caps1_stride, routing=c.routing, pose_size=c.pose_size
+            c.primary_types, c.conv_caps1_types, c.conv_caps1_kernel, c.conv_caps1_stride,
+            routing=c.routing_of("conv_caps1"), pose_size=c.pose_size,
         )
         self.conv_caps2 = ConvCaps(
-            c.conv_caps1_types, c.conv_caps2_types, c.conv_caps2_kernel, c.conv_caps2_stride, routing=c.routing, pose_size=c.pose_size
+            c.conv_caps1_types, c.conv_caps2_types, c.conv_caps2_kernel, c.conv_caps2_stride,
+            routing=c.routing_of("conv_caps2"), pose_size=c.pose_size,
         )
         self.class_caps = ClassCaps(
-            c.conv_caps2_types, c.num_classes, routing=c.routing, coordinate_addition=c.coordinate_addition, pose_size=c.pose_size
+            c.conv_caps2_types, c.num_classes, routing=c.routing_of("class_caps"), coordinate_addition=c.coordinate_addition,
+            pose_size=c.pose_size,
         )
         self._apply_initialisation(c)
         self.workspace = share_workspace(self)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -12,6 +13,14 @@ from matcaps.layers.init import BETA_A_INIT_MEAN, BETA_A_INIT_STD, TRANSFORM_INI
 from matcaps.models.cnn import CNN_BASELINE, CNNBaselineConfig
 from matcaps.models.fields import reject_unknown
 from matcaps.routing import EMRoutingConfig
+
+#: The routed layers of :class:`~matcaps.models.CapsNet`, in order; the keys of
+#: :attr:`CapsNetConfig.layer_routing`.
+ROUTED_LAYERS: tuple[str, ...] = ("conv_caps1", "conv_caps2", "class_caps")
+
+#: Routing fields a layer may not set for itself: one implementation computes the whole network
+#: (``--routing-impl``, changed on resume when the device changes).
+SHARED_ROUTING_FIELDS: frozenset[str] = frozenset({"implementation"})
 
 
 @dataclass(frozen=True)
@@ -41,7 +50,12 @@ class CapsNetConfig:
             matrices of the routed layers (IBM: 1.0).
         beta_a_init_mean, beta_a_init_std: Truncated normal of the initial ``β_a`` of the routed
             layers (IBM: mean −1000, std 500, so that ``λ·β_a`` starts near −0.5 with λ ≈ 1e-3).
-        routing: EM-routing hyper-parameters shared by the three routed layers.
+        routing: EM-routing hyper-parameters of the three routed layers.
+        layer_routing: Changes to ``routing`` for single layers, keyed by layer name
+            (:data:`ROUTED_LAYERS`), e.g. ``{"class_caps": {"iterations": 3}}``; a layer not named
+            uses ``routing`` unchanged.  Not in the paper, whose layers share one routing: an option
+            of this project for asking which layer a third iteration or a softened E-step helps.
+            Every field but ``implementation`` may be changed.
     """
 
     num_classes: int = 5
@@ -64,6 +78,7 @@ class CapsNetConfig:
     beta_a_init_mean: float = BETA_A_INIT_MEAN
     beta_a_init_std: float = BETA_A_INIT_STD
     routing: EMRoutingConfig = field(default_factory=EMRoutingConfig)
+    layer_routing: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -79,6 +94,44 @@ class CapsNetConfig:
             raise ConfigError(f"model option beta_a_init_mean must be a finite number, got {self.beta_a_init_mean!r}")
         if isinstance(self.routing, dict):  # built from a saved configuration
             object.__setattr__(self, "routing", EMRoutingConfig(**self.routing))
+        self._check_layer_routing()
+
+    def _check_layer_routing(self) -> None:
+        """Refuse, in one line, an unknown layer, an unknown or shared field, or a bad value."""
+        if not isinstance(self.layer_routing, Mapping):
+            raise ConfigError(f"model option layer_routing must be a table of layers, got {self.layer_routing!r}")
+        unknown = sorted(set(self.layer_routing) - set(ROUTED_LAYERS))
+        if unknown:
+            raise ConfigError(
+                f"model option layer_routing names unknown layer(s) {', '.join(map(str, unknown))}; "
+                f"the routed layers are {', '.join(ROUTED_LAYERS)}"
+            )
+        for layer, changes in self.layer_routing.items():
+            if not isinstance(changes, Mapping):
+                raise ConfigError(f"model option layer_routing.{layer} must be a table of routing options, got {changes!r}")
+            reject_unknown(EMRoutingConfig, changes, f"routing option(s) in layer_routing.{layer}")
+            shared = sorted(SHARED_ROUTING_FIELDS & set(changes))
+            if shared:
+                raise ConfigError(
+                    f"layer_routing.{layer} cannot set {', '.join(shared)}: one implementation routes every layer "
+                    f"(set it with --routing-impl or routing.implementation)"
+                )
+        object.__setattr__(self, "layer_routing", {k: dict(v) for k, v in self.layer_routing.items()})
+        for layer, changes in self.layer_routing.items():
+            routing = self.routing_of(layer)  # building it validates the values
+            changes.update({name: getattr(routing, name) for name in changes})  # normalised, e.g. lists → tuples
+
+    def routing_of(self, layer: str) -> EMRoutingConfig:
+        """The routing of one routed layer: ``routing`` with that layer's ``layer_routing`` changes."""
+        if layer not in ROUTED_LAYERS:
+            raise ConfigError(f"{layer!r} is not a routed layer; choose one of {', '.join(ROUTED_LAYERS)}")
+        changes = self.layer_routing.get(layer)
+        if not changes:
+            return self.routing
+        try:
+            return dataclasses.replace(self.routing, **changes)
+        except ConfigError as error:
+            raise ConfigError(f"layer_routing.{layer}: {error}") from None
 
     def replace(self, **changes: Any) -> "CapsNetConfig":
         """A copy with some fields changed (``routing`` may be given as a dict of changes)."""

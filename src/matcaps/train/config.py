@@ -32,7 +32,7 @@ from matcaps.data.folders import BAD_IMAGE_POLICIES, FolderOptions
 from matcaps.errors import ConfigError
 from matcaps.losses import MarginSchedule
 from matcaps.models import CNN_BASELINE, MODEL_NAMES, CapsNetConfig, CNNBaselineConfig, ModelConfig, preset
-from matcaps.routing import MAX_ITERATIONS, ROUTING_IMPLEMENTATIONS
+from matcaps.routing import MAX_ITERATIONS, ROUTING_IMPLEMENTATIONS, EMRoutingConfig
 
 if TYPE_CHECKING:
     from matcaps.data import DataConfig
@@ -332,17 +332,25 @@ def resolve_model_config(config: TrainConfig, num_classes: int, image_size: int,
             f"model option num_classes={model_config.num_classes} does not match the {num_classes} "
             f"classes of dataset {config.dataset}"
         )
-    if not 1 <= model_config.routing.iterations <= MAX_ROUTING_ITERATIONS:
-        raise ConfigError(
-            f"routing iterations must be between 1 and {MAX_ROUTING_ITERATIONS}, got {model_config.routing.iterations}"
-        )
-    e_steps = model_config.routing.iterations - 1
-    if len(model_config.routing.e_step_scales) > e_steps:
-        raise ConfigError(
-            f"model option routing.e_step_scales gives {len(model_config.routing.e_step_scales)} scale(s), but "
-            f"{model_config.routing.iterations} routing iteration(s) run {e_steps} E-step(s)"
-        )
+    _check_routing(model_config.routing, "routing")
+    for layer in model_config.layer_routing:
+        _check_routing(model_config.routing_of(layer), f"layer_routing.{layer}")
     return model_config
+
+
+def _check_routing(routing: EMRoutingConfig, option: str) -> None:
+    """Iterations within the supported range, and no more E-step scales than E-steps run."""
+    if not 1 <= routing.iterations <= MAX_ROUTING_ITERATIONS:
+        where = "" if option == "routing" else f" ({option})"
+        raise ConfigError(
+            f"routing iterations must be between 1 and {MAX_ROUTING_ITERATIONS}, got {routing.iterations}{where}"
+        )
+    e_steps = routing.iterations - 1
+    if len(routing.e_step_scales) > e_steps:
+        raise ConfigError(
+            f"model option {option}.e_step_scales gives {len(routing.e_step_scales)} scale(s), but "
+            f"{routing.iterations} routing iteration(s) run {e_steps} E-step(s)"
+        )
 
 
 def _resolve_cnn_config(config: TrainConfig, num_classes: int, image_size: int, channels: int) -> CNNBaselineConfig:
