@@ -172,8 +172,8 @@ def test_the_probe_refuses_an_unknown_layer_in_one_line(probe, trained_run, data
 
 def test_probe_settings_change_every_layer_or_one(probe):
     saved = tiny_config(layer_routing={"conv_caps1": {"cost_scale": 10.0}})
-    config = probe.apply_setting(saved, {"iterations": 1, "class_caps.iterations": 3, "class_caps.e_step_scales": [1, 0.5]},
-                                 "fused")  # fmt: skip
+    setting = {"iterations": 1, "class_caps.iterations": 3, "class_caps.e_step_scales": [1, 0.5]}
+    config = probe.apply_setting(saved, setting, "fused")
     routings = [config.routing_of(name) for name in ROUTED_LAYERS]
     assert [r.iterations for r in routings] == [1, 1, 3]
     assert [r.cost_scale for r in routings] == [10.0, 100.0, 100.0]  # the saved override is kept

@@ -15,7 +15,7 @@ from matcaps.models.config import (
 from matcaps.models.weights import PretrainedWeights, pretrained, pretrained_names, pretrained_weights
 
 __all__ = [
-    "CNN_BASELINE", "MODEL_NAMES", "PRESETS", "ROUTED_LAYERS", "CNNBaseline", "CNNBaselineConfig", "CapsNet", "CapsNetConfig",
-    "CapsNetOutput", "ClassifierOutput", "ModelConfig", "PretrainedWeights", "build_model", "count_parameters",
-    "model_config_from_dict", "preset", "pretrained", "pretrained_names", "pretrained_weights",
+    "CNN_BASELINE", "MODEL_NAMES", "PRESETS", "ROUTED_LAYERS", "CNNBaseline", "CNNBaselineConfig", "CapsNet",
+    "CapsNetConfig", "CapsNetOutput", "ClassifierOutput", "ModelConfig", "PretrainedWeights", "build_model",
+    "count_parameters", "model_config_from_dict", "preset", "pretrained", "pretrained_names", "pretrained_weights",
 ]  # fmt: skip

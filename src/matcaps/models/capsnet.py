@@ -71,8 +71,8 @@ class CapsNet(nn.Module):
             routing=c.routing_of("conv_caps2"), pose_size=c.pose_size,
         )
         self.class_caps = ClassCaps(
-            c.conv_caps2_types, c.num_classes, routing=c.routing_of("class_caps"), coordinate_addition=c.coordinate_addition,
-            pose_size=c.pose_size,
+            c.conv_caps2_types, c.num_classes, routing=c.routing_of("class_caps"),
+            coordinate_addition=c.coordinate_addition, pose_size=c.pose_size,
         )
         self._apply_initialisation(c)
         self.workspace = share_workspace(self)

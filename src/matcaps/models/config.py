@@ -108,7 +108,9 @@ class CapsNetConfig:
             )
         for layer, changes in self.layer_routing.items():
             if not isinstance(changes, Mapping):
-                raise ConfigError(f"model option layer_routing.{layer} must be a table of routing options, got {changes!r}")
+                raise ConfigError(
+                    f"model option layer_routing.{layer} must be a table of routing options, got {changes!r}"
+                )
             reject_unknown(EMRoutingConfig, changes, f"routing option(s) in layer_routing.{layer}")
             shared = sorted(SHARED_ROUTING_FIELDS & set(changes))
             if shared:
