@@ -11,7 +11,10 @@ interpreter switched off).
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
+from types import ModuleType
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -22,6 +25,16 @@ import torch  # noqa: E402
 
 #: Fixtures of the command-line tests (a tiny prepared smallNORB and a finished run), defined once.
 pytest_plugins = ["cli_fixtures"]
+
+
+@pytest.fixture(scope="session")
+def routing_probe() -> ModuleType:
+    """``scripts/routing_probe.py`` imported as a module (``scripts/`` is not a package)."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "routing_probe.py"
+    spec = importlib.util.spec_from_file_location("routing_probe", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

@@ -3,9 +3,7 @@ the option travels through ``matcaps train`` and checkpoints, and bad values are
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +15,6 @@ from matcaps.models import ROUTED_LAYERS, CapsNetConfig, build_model
 from matcaps.train import load_checkpoint
 from matcaps.trained import load_trained
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "routing_probe.py"
 
 
 @pytest.fixture(autouse=True)
@@ -131,15 +128,7 @@ def test_bad_layer_options_on_the_command_line_are_one_line(option, message, con
     assert not run.exists()
 
 
-@pytest.fixture(scope="module")
-def probe():
-    spec = importlib.util.spec_from_file_location("routing_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_probe_sets_one_layers_routing(probe, trained_run, data_root, tmp_path):
+def test_the_probe_sets_one_layers_routing(routing_probe, trained_run, data_root, tmp_path):
     """``LAYER.FIELD=VALUE`` scores the saved weights with only that layer changed, exactly as a
     network built with that ``layer_routing`` scores them."""
     from matcaps.data import load_splits
@@ -147,7 +136,7 @@ def test_the_probe_sets_one_layers_routing(probe, trained_run, data_root, tmp_pa
     from matcaps.train.config import data_config
 
     out = tmp_path / "probe.json"
-    assert probe.main([str(trained_run), "--data-root", str(data_root), "--implementation", "naive",
+    assert routing_probe.main([str(trained_run), "--data-root", str(data_root), "--implementation", "naive",
                        "--setting", "class_caps.iterations=3", "--out", str(out)]) == 0  # fmt: skip
     result = json.loads(out.read_text())["results"][0]
     assert result["setting"] == {"class_caps.iterations": 3}
@@ -161,19 +150,19 @@ def test_the_probe_sets_one_layers_routing(probe, trained_run, data_root, tmp_pa
     assert result["accuracy"] == int(counts.confusion.diagonal().sum()) / counts.total
 
 
-def test_the_probe_refuses_an_unknown_layer_in_one_line(probe, trained_run, data_root, tmp_path, capsys):
+def test_the_probe_refuses_an_unknown_layer_in_one_line(routing_probe, trained_run, data_root, tmp_path, capsys):
     out = tmp_path / "probe.json"
-    assert probe.main([str(trained_run), "--data-root", str(data_root), "--setting", "conv2.iterations=3",
+    assert routing_probe.main([str(trained_run), "--data-root", str(data_root), "--setting", "conv2.iterations=3",
                        "--out", str(out)]) == 2  # fmt: skip
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "unknown layer(s) conv2" in error
     assert not out.exists()
 
 
-def test_probe_settings_change_every_layer_or_one(probe):
+def test_probe_settings_change_every_layer_or_one(routing_probe):
     saved = tiny_config(layer_routing={"conv_caps1": {"cost_scale": 10.0}})
     setting = {"iterations": 1, "class_caps.iterations": 3, "class_caps.e_step_scales": [1, 0.5]}
-    config = probe.apply_setting(saved, setting, "fused")
+    config = routing_probe.apply_setting(saved, setting, "fused")
     routings = [config.routing_of(name) for name in ROUTED_LAYERS]
     assert [r.iterations for r in routings] == [1, 1, 3]
     assert [r.cost_scale for r in routings] == [10.0, 100.0, 100.0]  # the saved override is kept

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
@@ -13,22 +11,13 @@ from matcaps.scoring import evaluate_model
 from matcaps.train.config import data_config
 from matcaps.trained import load_trained
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "routing_probe.py"
 
 
-@pytest.fixture(scope="module")
-def probe():
-    spec = importlib.util.spec_from_file_location("routing_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_saved_routing_scores_as_the_trained_network_and_other_settings_are_listed(probe, trained_run, data_root, tmp_path):
+def test_the_saved_routing_scores_as_the_trained_network_and_other_settings_are_listed(routing_probe, trained_run, data_root, tmp_path):
     out = tmp_path / "probe.json"
     argv = [str(trained_run), "--data-root", str(data_root), "--setting", "iterations=2",
             "--setting", "iterations=3 e_step_scales=[1,0.2]", "--implementation", "naive", "--out", str(out)]  # fmt: skip
-    assert probe.main(argv) == 0
+    assert routing_probe.main(argv) == 0
     report = json.loads(out.read_text())
     assert [r["setting"] for r in report["results"]] == [{"iterations": 2}, {"iterations": 3, "e_step_scales": [1, 0.2]}]
     network = load_trained(trained_run)
@@ -47,9 +36,9 @@ def test_the_saved_routing_scores_as_the_trained_network_and_other_settings_are_
         ("iterations=3 e_step_scales=[1,-1]", "must be a list of positive numbers"),
     ],
 )
-def test_a_bad_setting_is_one_line_and_writes_nothing(probe, trained_run, data_root, tmp_path, capsys, setting, message):
+def test_a_bad_setting_is_one_line_and_writes_nothing(routing_probe, trained_run, data_root, tmp_path, capsys, setting, message):
     out = tmp_path / "probe.json"
-    assert probe.main([str(trained_run), "--data-root", str(data_root), "--setting", setting, "--out", str(out)]) == 2
+    assert routing_probe.main([str(trained_run), "--data-root", str(data_root), "--setting", setting, "--out", str(out)]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith("routing_probe.py: error: ") and message in error
     assert not out.exists()
