@@ -108,6 +108,8 @@ class DataConfig:
             the ``"familiar"`` (training) ones.
         affine_seed: seeds the transformations of the ``"affine"`` test set.
         canvas: MNIST-like: side of the black canvas each digit is placed on (None: 28×28 as is).
+        hflip: mirror training images left-right with probability 1/2 (MNIST-like and CIFAR-10;
+            not smallNORB, whose azimuth it would change, nor image folders).
         stereo: smallNORB: one 2-channel item per stereo pair instead of one item per view.
     """
 
@@ -122,6 +124,7 @@ class DataConfig:
     test_viewpoints: str = "novel"
     affine_seed: int = AFFINE_SEED
     canvas: int | None = None
+    hflip: bool = False
     stereo: bool = False
 
     def __post_init__(self) -> None:
@@ -150,6 +153,8 @@ class DataConfig:
             size = dataset_info(self.dataset).image_size
             if isinstance(self.canvas, bool) or not isinstance(self.canvas, int) or self.canvas < size:
                 raise ConfigError(f"canvas must be an integer of at least {size} (the image size), got {self.canvas!r}")
+        if self.hflip and self.dataset in (FOLDER_DATASET, "smallnorb"):
+            raise ConfigError(f"hflip applies to MNIST-like datasets and cifar10, not to {self.dataset}")
         if self.stereo and self.dataset != "smallnorb":
             raise ConfigError("stereo applies to smallnorb's stereo pairs only")
 
@@ -232,12 +237,13 @@ def _hold_out(config: DataConfig, train: _Split, candidates: np.ndarray) -> tupl
     return rest, val
 
 
-def dataset_transforms(name: str, canvas: int | None = None) -> tuple:
+def dataset_transforms(name: str, canvas: int | None = None, hflip: bool = False) -> tuple:
     """The training and the evaluation transform of dataset ``name`` (validation, test, ``matcaps predict``);
-    ``canvas``: MNIST-like digits placed on a black square of that side."""
+    ``canvas``: MNIST-like digits placed on a black square of that side; ``hflip``: training images
+    mirrored left-right at random (evaluation never flips)."""
     if name != FOLDER_DATASET and check_dataset_name(name) == "smallnorb":
         return NorbTransform(train=True), NorbTransform(train=False)
-    return DigitsTransform(train=True, canvas=canvas), DigitsTransform(train=False, canvas=canvas)
+    return DigitsTransform(train=True, canvas=canvas, hflip=hflip), DigitsTransform(train=False, canvas=canvas)
 
 
 def load_splits(config: DataConfig) -> DataSplits:
@@ -268,7 +274,7 @@ def load_splits(config: DataConfig) -> DataSplits:
     train_rows, val_rows = _hold_out(config, train, candidates)
 
     info = dataset_info(name)
-    train_transform, eval_transform = dataset_transforms(name, config.canvas)
+    train_transform, eval_transform = dataset_transforms(name, config.canvas, config.hflip)
     if config.canvas is not None:
         info = dataclasses.replace(info, image_size=config.canvas)
     if config.stereo:

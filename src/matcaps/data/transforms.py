@@ -18,7 +18,8 @@ MNIST / Fashion-MNIST: ``/255`` → per-image standardisation, at 28×28, for tr
 evaluation alike (no augmentation, so nothing random); CIFAR-10 and image folders the same, in
 colour.  With a ``canvas`` (Sabour et al. 2017: 40), the digit is first placed on a black
 ``canvas × canvas`` image, at a uniformly random position for training and in the centre for
-evaluation.
+evaluation.  With ``hflip`` (not in the paper; the usual augmentation of Fashion-MNIST and
+CIFAR-10, wrong for digits), each training image is mirrored left-right with probability 1/2.
 
 Every transform maps a ``(H, W)`` uint8 array to a ``(1, S, S)`` float32 tensor (a colour
 ``(H, W, C)`` one to ``(C, S, S)``; smallNORB's stereo pairs come channels-first, ``(2, H, W)``)
@@ -55,6 +56,9 @@ NORB_MAX_BRIGHTNESS_DELTA = 2.0
 #: IBM's ``random_contrast(0.5, 1.5)``.
 NORB_CONTRAST_RANGE = (0.5, 1.5)
 
+
+#: Probability that a training image is mirrored left-right with ``hflip``.
+HFLIP_PROBABILITY = 0.5
 
 #: The valid range of pixels after :func:`to_unit_float`; attacks clip to it.
 PIXEL_RANGE = (0.0, 1.0)
@@ -219,19 +223,32 @@ class DigitsTransform:
             from 0 to ``canvas − 28`` on each axis equally likely; Sabour et al.'s random
             translations) instead of the centre; without one, nothing changes.
         canvas: side of the black image the digit is placed on (None: the image as it is).
+        hflip: when training, mirror the image left-right with probability :data:`HFLIP_PROBABILITY`
+            (after placing it; one more draw from the generator, so without it the draws, and
+            therefore every earlier run, stay as they were).
     """
 
     train: bool = False
     canvas: int | None = None
+    hflip: bool = False
 
     @property
     def random(self) -> bool:
-        """Random only when training with a canvas."""
-        return self.train and self.canvas is not None
+        """Random only when training with a canvas or flips."""
+        return self.train and (self.canvas is not None or self.hflip)
 
     def pixels(self, image: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
         """``(H, W)`` uint8 → ``(1, S, S)`` float32 in [0, 1] (``S`` = ``canvas`` or ``H``)."""
-        x = to_unit_float(image)
+        x = self._placed(to_unit_float(image), generator)
+        if self.train and self.hflip:
+            if generator is None:
+                raise ValueError("the training transform with flips needs a torch.Generator")
+            if float(torch.rand((), generator=generator)) < HFLIP_PROBABILITY:
+                x = x.flip(-1)
+        return x
+
+    def _placed(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """``(C, H, W)`` on the canvas (unchanged without one)."""
         if self.canvas is None:
             return x
         height, width = x.shape[-2:]

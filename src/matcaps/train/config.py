@@ -96,6 +96,9 @@ class TrainConfig:
     canvas: int | None = _option(None, "int?", "MNIST-like: place each digit on a black canvas of this side, at a "
                                  "random position for training and centred for evaluation (Sabour et al.'s "
                                  "affNIST protocol: 40); the network's input size follows", "data")
+    hflip: bool = _option(False, "bool", "mirror each training image left-right with probability 1/2 (not in "
+                          "the paper; the usual augmentation of Fashion-MNIST and CIFAR-10, wrong for digits; "
+                          "not smallNORB or image folders)", "data")
     stereo: bool = _option(False, "bool", "smallNORB: feed both stereo views of a pair as one 2-channel image "
                            "(24,300 items per split, Hinton et al.'s recipe) instead of one item per view (IBM's)",
                            "data")
@@ -296,7 +299,7 @@ def data_config(config: TrainConfig, **changes: Any) -> "DataConfig":
     values: dict[str, Any] = dict(
         dataset=config.dataset, root=Path(config.data_root), split=config.split, val_instances=config.val_instances,
         val_size=config.val_size, validation=config.validation, seed=config.seed, canvas=config.canvas,
-        stereo=config.stereo, folder=config.folder_options(),
+        hflip=config.hflip, stereo=config.stereo, folder=config.folder_options(),
     )  # fmt: skip
     values.update(changes)
     return DataConfig(**values)
