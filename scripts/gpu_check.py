@@ -77,16 +77,15 @@ THREE_ITERATIONS = ["--iters", "3", "--model-option", "routing.e_step_scales=[1,
 #: The wide Fashion-MNIST network (ConvCaps C = D = 32) of FASHION_SOURCE.
 WIDE = ["--model-option", "conv_caps1_types=32", "--model-option", "conv_caps2_types=32"]
 
-#: Trainings run side by side: (name, flags).  MNIST: seeds 1 and 2 of the 2- and 3-iteration
+#: Trainings run side by side: (name, flags): seeds 1 to 3 of the 2- and 3-iteration MNIST
 #: fine-tunes whose seed 0 ran on the CPU (99.28 / 99.07 %), to tell the gap from seed noise.
-#: Fashion-MNIST: the wide network fine-tuned with random left-right flips, 2 and 3 iterations.
+#: (The wide Fashion-MNIST network fine-tuned with flips, ``--dataset fashion-mnist --hflip
+#: --init-from FASHION_SOURCE`` + WIDE, needs Fashion-MNIST's 30 MB of raw files, which do not fit
+#: beside the repository in the device tool's 64 MiB.)
 TRAININGS: list[tuple[str, list[str]]] = [
-    *[(f"mnist-ft-{kind}-seed{seed}", ["--dataset", "mnist", "--canvas", "32", "--init-from", MNIST_SOURCE, *FINETUNE,
-                                        "--seed", str(seed), *flags])
-      for seed in (1, 2) for kind, flags in [("i2", ["--iters", "2"]), ("i3-tau0.2-lambda", THREE_ITERATIONS)]],
-    *[(f"fashion-wide-ft-hflip-{kind}", ["--dataset", "fashion-mnist", "--hflip", "--init-from", FASHION_SOURCE, *WIDE,
-                                         *FINETUNE, "--seed", "0", *flags])
-      for kind, flags in [("i2", ["--iters", "2"]), ("i3-tau0.2-lambda", THREE_ITERATIONS)]],
+    (f"mnist-ft-{kind}-seed{seed}", ["--dataset", "mnist", "--canvas", "32", "--init-from", MNIST_SOURCE, *FINETUNE,
+                                     "--seed", str(seed), *flags])
+    for seed in (1, 2, 3) for kind, flags in [("i2", ["--iters", "2"]), ("i3-tau0.2-lambda", THREE_ITERATIONS)]
 ]
 
 
@@ -220,6 +219,9 @@ def main() -> int:
     preparations = []
     for dataset in DATASETS:
         raw = args.raw / dataset / "raw"
+        if not raw.is_dir():
+            log(out, clock, f"no {raw}: {dataset} is not prepared")
+            continue
         target = data_root / dataset / "raw"
         target.mkdir(parents=True, exist_ok=True)
         for path in sorted(raw.glob("*")):
@@ -266,7 +268,7 @@ def main() -> int:
     trainings = TRAININGS
     if args.dry_run:
         common += ["--val-size", "256", "--max-steps", "6", "--val-every-steps", "3"]
-        trainings = [TRAININGS[1], TRAININGS[-1]]  # an MNIST and a Fashion-MNIST recipe
+        trainings = TRAININGS[:2]
     jobs: dict[str, Job] = {}
     minutes = max((deadline - clock.now()) / 60.0, 0.1)
     for name, flags in trainings:
