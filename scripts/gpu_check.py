@@ -65,23 +65,19 @@ BENCHES: list[tuple[str, list[str], float]] = [
     ("bench-smallnorb-max-fp32", ["--batch-size", "max", "--routing-impl", "triton", "naive",
                                   "--warmup", "1", "--steps", "3", "--no-verify"], 150.0),
 ]
-#: Where the fine-tunes start: the published 2-iteration networks (docs/runs, README results table).
+#: Where the fine-tunes start: the published 2-iteration network (docs/runs, README results table).
 MNIST_SOURCE = "docs/runs/cpu-2026-11-26/mnist-i2-shift-36"
-FASHION_SOURCE = "docs/runs/cpu-2026-11-26/fashion-i2-wide"
 #: The 2-epoch fine-tune recipe of docs/learning-speed.md ("Matching the last λ"): 3e-4, ÷10 after 1.5 epochs.
 FINETUNE = ["--epochs", "2", "--lr", "3e-4", "--lr-drop-steps", "1289", "--val-every-steps", "215"]
 #: Three iterations, the second E-step softened to τ = 0.2 and the last λ matched to the 2-iteration
 #: network's (``mnist-ft-i3-tau0.2-lambda``, 99.07 % with seed 0 on the CPU).
 THREE_ITERATIONS = ["--iters", "3", "--model-option", "routing.e_step_scales=[1,0.2]",
                     "--model-option", "routing.final_inverse_temperature=0.006836"]
-#: The wide Fashion-MNIST network (ConvCaps C = D = 32) of FASHION_SOURCE.
-WIDE = ["--model-option", "conv_caps1_types=32", "--model-option", "conv_caps2_types=32"]
 
 #: Trainings run side by side: (name, flags): seeds 1 to 3 of the 2- and 3-iteration MNIST
 #: fine-tunes whose seed 0 ran on the CPU (99.28 / 99.07 %), to tell the gap from seed noise.
-#: (The wide Fashion-MNIST network fine-tuned with flips, ``--dataset fashion-mnist --hflip
-#: --init-from FASHION_SOURCE`` + WIDE, needs Fashion-MNIST's 30 MB of raw files, which do not fit
-#: beside the repository in the device tool's 64 MiB.)
+#: (Fashion-MNIST runs need its 30 MB of raw files, which no longer fit beside the repository in
+#: the device tool's 64 MiB: carry ``gpu-data/mnist`` only.)
 TRAININGS: list[tuple[str, list[str]]] = [
     (f"mnist-ft-{kind}-seed{seed}", ["--dataset", "mnist", "--canvas", "32", "--init-from", MNIST_SOURCE, *FINETUNE,
                                      "--seed", str(seed), *flags])
