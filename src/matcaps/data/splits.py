@@ -9,7 +9,8 @@ which scored a slice of the test set during training):
   4 of each of the 5 categories, 9,720 images; the training file holds instances
   4, 6, 7, 8, 9), so validation measures generalisation to unseen objects like the test
   set does;
-* MNIST / Fashion-MNIST: a random hold-out of ``val_size`` images drawn with ``seed``.
+* MNIST / Fashion-MNIST: a random hold-out of ``val_size`` images drawn with ``holdout_seed``
+  (default: ``seed``).
 
 ``validation=False`` keeps the whole training set and returns ``val=None``.
 
@@ -102,7 +103,9 @@ class DataConfig:
         val_instances: smallNORB instances held out of training for validation.
         val_size: MNIST-family: images held out of training for validation.
         validation: hold out a validation set at all.
-        seed: seeds the MNIST hold-out and every training augmentation.
+        seed: seeds every training augmentation, and the hold-outs unless ``holdout_seed`` is set.
+        holdout_seed: seeds the MNIST-like validation hold-out and image folders' splits (None:
+            ``seed``); fixed, runs of several seeds share one validation set.
         folder: how image folders are read and split (``dataset="folder"`` only).
         test_viewpoints: with a viewpoint split, test on the ``"novel"`` viewpoints (default) or on
             the ``"familiar"`` (training) ones.
@@ -120,6 +123,7 @@ class DataConfig:
     val_size: int = 5000
     validation: bool = True
     seed: int = 0
+    holdout_seed: int | None = None
     folder: FolderOptions = FolderOptions()
     test_viewpoints: str = "novel"
     affine_seed: int = AFFINE_SEED
@@ -157,6 +161,14 @@ class DataConfig:
             raise ConfigError(f"hflip applies to MNIST-like datasets and cifar10, not to {self.dataset}")
         if self.stereo and self.dataset != "smallnorb":
             raise ConfigError("stereo applies to smallnorb's stereo pairs only")
+        seed = self.holdout_seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ConfigError(f"holdout_seed must be an integer, got {self.holdout_seed!r}")
+
+    @property
+    def split_seed(self) -> int:
+        """The seed of the validation hold-out (and of an image folder's splits)."""
+        return self.seed if self.holdout_seed is None else self.holdout_seed
 
 
 class DataSplits(NamedTuple):
@@ -231,7 +243,7 @@ def _hold_out(config: DataConfig, train: _Split, candidates: np.ndarray) -> tupl
             f"val_size {config.val_size} must be between 1 and {len(candidates) - 1} "
             f"(the training set has {len(candidates)} images); use validation=False to disable it"
         )
-    permutation = np.random.default_rng(config.seed).permutation(len(candidates))
+    permutation = np.random.default_rng(config.split_seed).permutation(len(candidates))
     val = np.sort(candidates[permutation[: config.val_size]])
     rest = np.sort(candidates[permutation[config.val_size :]])
     return rest, val
@@ -256,7 +268,7 @@ def load_splits(config: DataConfig) -> DataSplits:
     """
     name = config.dataset
     if name == FOLDER_DATASET:
-        return load_folder(config.root, config.folder, config.validation, config.seed)
+        return load_folder(config.root, config.folder, config.validation, config.split_seed)
     cache = cache_dir(name, config.root)
     command = f"matcaps data {name} --root {config.root}"
     try:

@@ -19,7 +19,7 @@ import os
 import pickle
 import random
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -272,11 +272,14 @@ class InitialWeights:
         path: The checkpoint file read.
         weights: Its model state dict.
         routing_changes: The routing hyper-parameters the new run changes (see :func:`routing_changes`).
+        source_config: The training configuration of the source run (``TrainConfig.to_dict()``;
+            empty where the file holds none).
     """
 
     path: Path
     weights: dict[str, torch.Tensor]
     routing_changes: list[str]
+    source_config: dict[str, Any] = field(default_factory=dict)
 
 
 def read_initial_weights(source: str | Path, model_config: dict[str, Any]) -> InitialWeights:
@@ -304,7 +307,8 @@ def read_initial_weights(source: str | Path, model_config: dict[str, Any]) -> In
     if differences:
         raise CheckpointError(f"{path} holds another network than the configured one (differs in "
                               f"{', '.join(differences)})")
-    return InitialWeights(path, weights, changes)
+    source_config = payload.get("config")
+    return InitialWeights(path, weights, changes, dict(source_config) if isinstance(source_config, dict) else {})
 
 
 #: Checkpoint entries that scoring, attacking, predicting and warm starts need; the rest (optimizer,

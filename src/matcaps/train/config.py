@@ -145,7 +145,12 @@ class TrainConfig:
     margin_offset: float = _option(4.0, "float", "offset of the margin's sigmoid", "optimisation")
     margin_cap: float = _option(10.0, "float", "cap of the margin's sigmoid argument", "optimisation")
     # Execution.
-    seed: int = _option(0, "int", "random seed (model init, data order, augmentation)", "execution")
+    seed: int = _option(0, "int", "random seed (model init, data order, augmentation; the validation hold-out "
+                        "too unless --holdout-seed)", "execution")
+    holdout_seed: int | None = _option(None, "int?", "seed of the MNIST-like validation hold-out and of image "
+                                       "folders' splits (default: --seed); keep it fixed to compare seeds on one "
+                                       "validation set, e.g. seeds of a fine-tune, whose source network trained "
+                                       "on the other images of its own hold-out", "execution")
     workers: int = _option(2, "int", "data-loader worker processes per training process", "execution")
     device: str = _option("auto", "str", "auto, cpu, cuda or cuda:N", "execution")
     precision: str = _option("fp32", "str", "fp32; bf16 autocast (CUDA only); fp64 (numerical checks)", "execution",
@@ -298,11 +303,36 @@ def data_config(config: TrainConfig, **changes: Any) -> "DataConfig":
 
     values: dict[str, Any] = dict(
         dataset=config.dataset, root=Path(config.data_root), split=config.split, val_instances=config.val_instances,
-        val_size=config.val_size, validation=config.validation, seed=config.seed, canvas=config.canvas,
-        hflip=config.hflip, stereo=config.stereo, folder=config.folder_options(),
+        val_size=config.val_size, validation=config.validation, seed=config.seed, holdout_seed=config.holdout_seed,
+        canvas=config.canvas,        hflip=config.hflip, stereo=config.stereo, folder=config.folder_options(),
     )  # fmt: skip
     values.update(changes)
     return DataConfig(**values)
+
+
+def holdout_mismatch(source: dict[str, Any], config: TrainConfig) -> str | None:
+    """A warning when a warm start's validation set is not the hold-out its source network was
+    trained without, else None.
+
+    ``source`` is the source run's ``TrainConfig.to_dict()``.  MNIST-like datasets and image folders
+    draw their hold-out with the hold-out seed: a fine-tune with another seed validates on images that
+    the source network trained on (its checkpoint choice is then biased; the test set is unaffected).
+    """
+    if not source or not config.validation or source.get("dataset") != config.dataset or config.dataset == "smallnorb":
+        return None
+    if not source.get("validation", True):
+        return ("warning: the network this run starts from trained without a validation hold-out, on every "
+                "image of this run's validation set")
+
+    def split_seed(values: dict[str, Any]) -> Any:
+        return values.get("seed", 0) if values.get("holdout_seed") is None else values["holdout_seed"]
+
+    source_seed, own_seed = split_seed(source), split_seed(dataclasses.asdict(config))
+    if source.get("val_size") == config.val_size and source_seed == own_seed:
+        return None
+    return (f"warning: this run holds out another validation set (hold-out seed {own_seed}, {config.val_size} "
+            f"images) than the network it starts from (seed {source_seed}, {source.get('val_size')} images), "
+            f"which trained on most of these validation images; --holdout-seed {source_seed} keeps its hold-out")
 
 
 def default_model_name(dataset: str) -> str:

@@ -31,7 +31,14 @@ from matcaps.errors import CheckpointError, ConfigError
 from matcaps.fsutil import write_text_atomic
 from matcaps.models import CapsNetConfig, count_parameters
 from matcaps.train.checkpoint import LAST_CHECKPOINT, DamagedCheckpointError, load_checkpoint
-from matcaps.train.config import RESUMABLE_CHANGES, TrainConfig, load_config_file, save_config, to_toml
+from matcaps.train.config import (
+    RESUMABLE_CHANGES,
+    TrainConfig,
+    holdout_mismatch,
+    load_config_file,
+    save_config,
+    to_toml,
+)
 from matcaps.distributed import DistributedContext
 from matcaps.train.trainer import StepHook, Trainer, TrainResult
 
@@ -186,6 +193,9 @@ def train_run(
         initial = trainer.load_initial_weights(config.init_from)
         changed = f" (routing changed: {', '.join(initial.routing_changes)})" if initial.routing_changes else ""
         trainer.log(f"starting from the weights of {initial.path}{changed}")
+        mismatch = holdout_mismatch(initial.source_config, config)
+        if mismatch is not None:
+            trainer.log(mismatch)
     if resume:
         _load_resume_checkpoint(run_dir, trainer)
         state = trainer.state
