@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from matcaps.layers import ClassCaps, ConvCaps, InputNorm, PrimaryCaps, share_workspace
 from matcaps.layers.init import BETA_A_INIT_MEAN, BETA_A_INIT_STD, TRANSFORM_INIT_STD, init_conv_, truncated_normal_
-from matcaps.models.config import CapsNetConfig
+from matcaps.models.config import STEM_KERNEL, CapsNetConfig
 
 if TYPE_CHECKING:
     from matcaps.models.cnn import CNNBaseline
@@ -61,6 +61,10 @@ class CapsNet(nn.Module):
         self.conv1 = init_conv_(
             nn.Conv2d(c.in_channels, c.conv1_channels, c.conv1_kernel, stride=c.conv1_stride, padding=c.conv1_kernel // 2)
         )
+        self.stem = nn.ModuleList(
+            init_conv_(nn.Conv2d(c.conv1_channels, c.conv1_channels, STEM_KERNEL, padding=STEM_KERNEL // 2))
+            for _ in range(c.stem_convs)
+        )  # empty for the paper's network: no parameters, no random draws, old checkpoints load as they are
         self.primary_caps = PrimaryCaps(c.conv1_channels, c.primary_types, c.pose_size)
         self.conv_caps1 = ConvCaps(
             c.primary_types, c.conv_caps1_types, c.conv_caps1_kernel, c.conv_caps1_stride,
@@ -94,6 +98,8 @@ class CapsNet(nn.Module):
 
     def forward(self, images: Tensor) -> CapsNetOutput:
         features = torch.relu(self.conv1(self.input_norm(images)))
+        for conv in self.stem:
+            features = torch.relu(conv(features))
         poses, activations = self.primary_caps(features)
         poses, activations = self.conv_caps1(poses, activations)
         poses, activations = self.conv_caps2(poses, activations)

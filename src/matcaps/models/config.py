@@ -18,6 +18,12 @@ from matcaps.routing import EMRoutingConfig
 #: :attr:`CapsNetConfig.layer_routing`.
 ROUTED_LAYERS: tuple[str, ...] = ("conv_caps1", "conv_caps2", "class_caps")
 
+#: Kernel of the extra "same" convolutions of :attr:`CapsNetConfig.stem_convs` (ours; VGG-style 3×3).
+STEM_KERNEL = 3
+
+#: Integer model options that may be 0 (every other integer option must be positive).
+ZERO_ALLOWED_INTS: frozenset[str] = frozenset({"stem_convs"})
+
 #: Routing fields a layer may not set for itself: one implementation computes the whole network
 #: (``--routing-impl``, changed on resume when the device changes).
 SHARED_ROUTING_FIELDS: frozenset[str] = frozenset({"implementation"})
@@ -27,8 +33,9 @@ SHARED_ROUTING_FIELDS: frozenset[str] = frozenset({"implementation"})
 class CapsNetConfig:
     """Architecture of a matrix-capsule network (Hinton et al. 2018, Figure 1).
 
-    ``input → batch norm (no affine) → ReLU conv K1/s1 with A channels → PrimaryCaps (B)
-    → ConvCaps K2/s2 (C) → ConvCaps K3/s3 (D) → ClassCaps (classes)``.
+    ``input → batch norm (no affine) → ReLU conv K1/s1 with A channels [→ stem_convs × ReLU
+    conv 3×3/1 with A channels] → PrimaryCaps (B) → ConvCaps K2/s2 (C) → ConvCaps K3/s3 (D)
+    → ClassCaps (classes)``.
 
     The defaults are the IBM smallNORB network (A=64, B=8, C=D=16): 32×32 input, capsule
     maps of 16×16, 7×7 and 5×5, 67,154 trainable parameters.
@@ -40,6 +47,11 @@ class CapsNetConfig:
         conv1_channels: ``A``, channels of the first (ordinary) convolution.
         conv1_kernel, conv1_stride: Its kernel and stride; it is padded by
             ``conv1_kernel // 2`` ("same" padding), so 32×32 becomes 16×16.
+        stem_convs: Further ReLU convolutions of A channels (:data:`STEM_KERNEL` × STEM_KERNEL,
+            stride 1, "same" padding) between the first convolution and the primary capsules;
+            0 (default) is the paper's network.  Not in the paper: a deeper feature extractor, as
+            the CNN baseline has (two convolutions before its classifier); each adds 9·A² + A
+            parameters and leaves every capsule map's size as it is.
         primary_types: ``B``, primary capsule types.
         conv_caps1_types, conv_caps1_kernel, conv_caps1_stride: ``C`` and the window of ConvCaps1.
         conv_caps2_types, conv_caps2_kernel, conv_caps2_stride: ``D`` and the window of ConvCaps2.
@@ -64,6 +76,7 @@ class CapsNetConfig:
     conv1_channels: int = 64
     conv1_kernel: int = 5
     conv1_stride: int = 2
+    stem_convs: int = 0
     primary_types: int = 8
     conv_caps1_types: int = 16
     conv_caps1_kernel: int = 3
@@ -83,7 +96,10 @@ class CapsNetConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.type == "int" and (not isinstance(value, int) or value < 1):
+            if f.type == "int" and f.name in ZERO_ALLOWED_INTS:
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ConfigError(f"model option {f.name} must be a non-negative integer, got {value!r}")
+            elif f.type == "int" and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"model option {f.name} must be a positive integer, got {value!r}")
         for name in ("transform_init_std", "beta_a_init_std"):
             value = getattr(self, name)
