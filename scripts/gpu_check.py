@@ -10,8 +10,7 @@ Triton, tensorboard, tqdm and matplotlib installed.  This script spends that tim
 2. ``matcaps bench --device cuda`` (:data:`BENCHES`: the GPU measurement still missing, bf16
    autocast at the largest batch that fits, ``--batch-size max``), with the GPU to itself;
 3. the trainings of :data:`TRAININGS`, side by side until they end or the deadline
-   (``--max-minutes``): fine-tunes of the published 2-iteration MNIST network with 2 and with 3
-   routing iterations, the second E-step softened (``routing.e_step_scales``);
+   (``--max-minutes``): Fashion-MNIST with a deeper feature extractor, wider layers and flips;
 4. ``matcaps test`` (whole test set, best validation checkpoint) and ``matcaps plot`` of every run;
 5. the results packed into at most 8 files under OUT (the device tool's limit), each under 16 MiB.
 
@@ -23,7 +22,7 @@ in ``docs/runs/h200-2026-11-26``.
 
 Usage (on the GPU machine, from the repository root)::
 
-    python3 scripts/gpu_check.py OUT --raw gpu-data --budget 550
+    python3 scripts/gpu_check.py OUT --raw gpu-data --budget 550   # device tool: carry gpu-data/fashion-mnist
 
 ``--dry-run`` runs the same flow on CPU with tiny limits (to check the script itself).
 """
@@ -63,25 +62,26 @@ BENCHES: list[tuple[str, list[str], float]] = [
     ("bench-smallnorb-max-bf16", ["--batch-size", "max", "--routing-impl", "fused", "triton", "naive", "--precision", "bf16",
                                   "--warmup", "1", "--steps", "3", "--no-verify"], 240.0),
 ]
-#: Where the fine-tunes start: the published 2-iteration network (docs/runs, README results table).
-MNIST_SOURCE = "docs/runs/cpu-2026-11-26/mnist-i2-shift-36"
-#: The 2-epoch fine-tune recipe of docs/learning-speed.md ("Matching the last λ"): 3e-4, ÷10 after 1.5 epochs.
-FINETUNE = ["--epochs", "2", "--lr", "3e-4", "--lr-drop-steps", "1289", "--val-every-steps", "215"]
-#: Three iterations, the second E-step softened to τ = 0.2 and the last λ matched to the 2-iteration
-#: network's (``mnist-ft-i3-tau0.2-lambda``, 99.07 % with seed 0 on the CPU).
-THREE_ITERATIONS = ["--iters", "3", "--model-option", "routing.e_step_scales=[1,0.2]",
-                    "--model-option", "routing.final_inverse_temperature=0.006836"]
+#: The Fashion-MNIST recipe of ``fashion-i2-long`` (16 epochs, 3e-3, ×0.1 after epochs 11 and 14).
+FASHION_RECIPE = ["--dataset", "fashion-mnist", "--epochs", "16", "--lr", "3e-3", "--lr-drop-steps", "9449", "12026",
+                  "--seed", "0", "--val-every-steps", "430"]
+WIDE = ["--model-option", "conv_caps1_types=32", "--model-option", "conv_caps2_types=32"]
 
-#: Trainings run side by side: (name, flags): seeds 1 to 3 of the 2- and 3-iteration MNIST
-#: fine-tunes whose seed 0 ran on the CPU (99.28 / 99.07 %), to tell the gap from seed noise, on the
-#: source's own validation set (``--holdout-seed 0``: the H200 runs of docs/runs/h200-2026-11-26-b
-#: lacked it and validated on images the source had trained on).
-#: (Fashion-MNIST runs need its 30 MB of raw files, which no longer fit beside the repository in
-#: the device tool's 64 MiB: carry ``gpu-data/mnist`` only.)
+#: Trainings run side by side: (name, flags).  Fashion-MNIST with a deeper feature extractor
+#: (``stem_convs``), wider capsule layers and flips, each the whole 16-epoch recipe cut by the
+#: deadline: the early validation curves compare them, and any run can be finished on the CPU with
+#: ``matcaps train --resume``.  Fashion-MNIST's raw files (30 MB) fit beside the repository in the
+#: device tool's 64 MiB only without MNIST's: carry ``gpu-data/fashion-mnist`` alone.
 TRAININGS: list[tuple[str, list[str]]] = [
-    (f"mnist-ft-{kind}-seed{seed}", ["--dataset", "mnist", "--canvas", "32", "--init-from", MNIST_SOURCE, *FINETUNE,
-                                     "--seed", str(seed), "--holdout-seed", "0", *flags])
-    for seed in (1, 2, 3) for kind, flags in [("i2", ["--iters", "2"]), ("i3-tau0.2-lambda", THREE_ITERATIONS)]
+    (f"fashion-{name}", [*FASHION_RECIPE, *flags])
+    for name, flags in [
+        ("i2", []),
+        ("i2-stem1", ["--model-option", "stem_convs=1"]),
+        ("i2-stem2", ["--model-option", "stem_convs=2"]),
+        ("i2-wide", WIDE),
+        ("i2-wide-stem1", [*WIDE, "--model-option", "stem_convs=1"]),
+        ("i2-wide-stem1-hflip", [*WIDE, "--model-option", "stem_convs=1", "--hflip"]),
+    ]
 ]
 
 

@@ -67,6 +67,10 @@ def source_of(**changes) -> dict:
     (source_of(seed=0), TrainConfig(dataset="mnist", seed=1, validation=False), False),
     ({**source_of(seed=0), "dataset": "smallnorb"}, TrainConfig(dataset="smallnorb", seed=1), False),  # instances
     ({}, TrainConfig(dataset="mnist", seed=1), False),  # a checkpoint without its configuration
+    (source_of(seed=0) | {"dataset": "folder", "data_root": "a"}, TrainConfig(dataset="folder", data_root="b", seed=1),
+     False),  # other images
+    (source_of(seed=0) | {"dataset": "folder", "data_root": "a"}, TrainConfig(dataset="folder", data_root="a", seed=1),
+     True),
 ])  # fmt: skip
 def test_the_warm_start_warning_names_the_holdout_to_keep(source, run, warned):
     warning = holdout_mismatch(source, run)

@@ -304,7 +304,7 @@ def data_config(config: TrainConfig, **changes: Any) -> "DataConfig":
     values: dict[str, Any] = dict(
         dataset=config.dataset, root=Path(config.data_root), split=config.split, val_instances=config.val_instances,
         val_size=config.val_size, validation=config.validation, seed=config.seed, holdout_seed=config.holdout_seed,
-        canvas=config.canvas,        hflip=config.hflip, stereo=config.stereo, folder=config.folder_options(),
+        canvas=config.canvas, hflip=config.hflip, stereo=config.stereo, folder=config.folder_options(),
     )  # fmt: skip
     values.update(changes)
     return DataConfig(**values)
@@ -319,7 +319,9 @@ def holdout_mismatch(source: dict[str, Any], config: TrainConfig) -> str | None:
     the source network trained on (its checkpoint choice is then biased; the test set is unaffected).
     """
     if not source or not config.validation or source.get("dataset") != config.dataset or config.dataset == "smallnorb":
-        return None
+        return None  # smallNORB holds out instances, whatever the seed
+    if config.dataset == "folder" and source.get("data_root") != config.data_root:
+        return None  # other images altogether
     if not source.get("validation", True):
         return ("warning: the network this run starts from trained without a validation hold-out, on every "
                 "image of this run's validation set")
