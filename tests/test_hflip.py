@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from data_fixtures import write_tiny_mnist
 
 from matcaps.cli import main
 from matcaps.data import DataConfig, load_splits, prepare
-from matcaps.data.idx_format import write_idx
-from matcaps.data.sources import raw_dir
 from matcaps.data.transforms import HFLIP_PROBABILITY, DigitsTransform, to_unit_float
 from matcaps.errors import ConfigError
 
@@ -29,12 +28,7 @@ def asymmetric_image(seed: int = 0) -> np.ndarray:
 @pytest.fixture(scope="module")
 def fashion_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fashion")
-    out = raw_dir("fashion-mnist", root)
-    out.mkdir(parents=True)
-    for prefix, count in (("train", 40), ("t10k", 20)):
-        images = np.stack([asymmetric_image(i) for i in range(count)])
-        write_idx(out / f"{prefix}-images-idx3-ubyte.gz", images)
-        write_idx(out / f"{prefix}-labels-idx1-ubyte.gz", (np.arange(count) % 10).astype(np.uint8))
+    write_tiny_mnist(root, "fashion-mnist", n_train=40, n_test=20)  # pixel noise: no image equals its mirror
     prepare("fashion-mnist", root, download=False, progress=False, verify=False)
     return root
 

@@ -6,13 +6,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import numpy as np
 import pytest
+from data_fixtures import write_tiny_mnist
 
 from matcaps.cli import main
 from matcaps.data import DataConfig, load_splits, prepare
-from matcaps.data.idx_format import write_idx
-from matcaps.data.sources import raw_dir
 from matcaps.errors import ConfigError
 from matcaps.train.config import TrainConfig, holdout_mismatch
 
@@ -22,12 +20,7 @@ TRAIN_IMAGES = 60
 @pytest.fixture(scope="module")
 def digits_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("digits")
-    out = raw_dir("mnist", root)
-    out.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for prefix, count in (("train", TRAIN_IMAGES), ("t10k", 20)):
-        write_idx(out / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8))
-        write_idx(out / f"{prefix}-labels-idx1-ubyte.gz", (np.arange(count) % 10).astype(np.uint8))
+    write_tiny_mnist(root, n_train=TRAIN_IMAGES, n_test=20)
     prepare("mnist", root, download=False, progress=False, verify=False)
     return root
 

@@ -8,11 +8,10 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from data_fixtures import write_tiny_mnist
 
 from matcaps.cli import main
 from matcaps.data import prepare
-from matcaps.data.idx_format import write_idx
-from matcaps.data.sources import raw_dir
 from matcaps.errors import ConfigError
 from matcaps.models import build_model
 from matcaps.models.config import CapsNetConfig, preset
@@ -84,13 +83,7 @@ def test_a_bad_count_is_refused_in_one_line(value):
 
 def test_a_run_with_a_deeper_stem_trains_tests_and_resumes(tmp_path, capsys, single_thread):
     root = tmp_path / "data"
-    out = raw_dir("mnist", root)
-    out.mkdir(parents=True)
-    generator = torch.Generator().manual_seed(0)
-    for prefix, number in (("train", 30), ("t10k", 10)):
-        write_idx(out / f"{prefix}-images-idx3-ubyte.gz", torch.randint(0, 256, (number, 28, 28), generator=generator,
-                                                                        dtype=torch.uint8).numpy())  # fmt: skip
-        write_idx(out / f"{prefix}-labels-idx1-ubyte.gz", (torch.arange(number) % 10).to(torch.uint8).numpy())
+    write_tiny_mnist(root, n_train=30, n_test=10)
     prepare("mnist", root, download=False, progress=False, verify=False)
     run = tmp_path / "run"
     common = ["--data-root", str(root), "--no-progress", "--workers", "0"]

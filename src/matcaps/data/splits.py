@@ -168,7 +168,12 @@ class DataConfig:
     @property
     def split_seed(self) -> int:
         """The seed of the validation hold-out (and of an image folder's splits)."""
-        return self.seed if self.holdout_seed is None else self.holdout_seed
+        return holdout_seed_of(self.seed, self.holdout_seed)
+
+
+def holdout_seed_of(seed: int, holdout_seed: int | None) -> int:
+    """The seed that draws the hold-outs: ``holdout_seed`` where set, else the run's ``seed``."""
+    return seed if holdout_seed is None else holdout_seed
 
 
 class DataSplits(NamedTuple):

@@ -326,10 +326,10 @@ def holdout_mismatch(source: dict[str, Any], config: TrainConfig) -> str | None:
         return ("warning: the network this run starts from trained without a validation hold-out, on every "
                 "image of this run's validation set")
 
-    def split_seed(values: dict[str, Any]) -> Any:
-        return values.get("seed", 0) if values.get("holdout_seed") is None else values["holdout_seed"]
+    from matcaps.data.splits import holdout_seed_of
 
-    source_seed, own_seed = split_seed(source), split_seed(dataclasses.asdict(config))
+    source_seed = holdout_seed_of(source.get("seed", 0), source.get("holdout_seed"))
+    own_seed = holdout_seed_of(config.seed, config.holdout_seed)
     if source.get("val_size") == config.val_size and source_seed == own_seed:
         return None
     return (f"warning: this run holds out another validation set (hold-out seed {own_seed}, {config.val_size} "
