@@ -18,6 +18,7 @@ import yaml
 
 from matcaps.errors import ConfigError
 from matcaps.train.config import FIELDS, TrainConfig, build_config, default_model_name, load_config_file
+from matcaps.train.param_groups import LR_GROUPS, check_lr_scales
 
 #: Headings of the option groups in ``--help``.
 GROUP_TITLES = {
@@ -109,7 +110,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="change a field of the model's configuration (CapsNetConfig or CNNBaselineConfig), e.g. "
              "conv1_channels=32 or routing.epsilon=1e-9 (repeatable)",
     )  # fmt: skip
+    groups["optimisation"].add_argument(
+        "--lr-scale", action="append", default=[], metavar="GROUP=FACTOR",
+        help=f"multiply the learning rate of one parameter group ({', '.join(LR_GROUPS)}) by FACTOR, e.g. "
+             "transforms=10 (repeatable; default: one learning rate for every parameter, IBM's)",
+    )  # fmt: skip
     parser.set_defaults(func=run_command)
+
+
+def parse_lr_scales(items: list[str]) -> dict[str, float]:
+    """``["transforms=10", "beta_a=1e3"]`` → ``{"transforms": 10.0, "beta_a": 1000.0}``; one-line errors."""
+    scales: dict[str, float] = {}
+    for item in items:
+        group, sep, text = item.partition("=")
+        group = group.strip()
+        if not sep or not group:
+            raise ConfigError(f"--lr-scale expects GROUP=FACTOR, got {item!r}")
+        try:
+            scales[group] = float(text)
+        except ValueError:
+            raise ConfigError(f"--lr-scale {group}: the factor must be a number, got {text!r}") from None
+    try:
+        check_lr_scales(scales)
+    except ConfigError as error:
+        raise ConfigError(str(error).replace("option lr_scales", "--lr-scale")) from None
+    return scales
 
 
 def parse_model_options(items: list[str]) -> dict[str, Any]:
@@ -177,10 +202,11 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     overrides = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
     typed: dict[str, str] = vars(args).get(TYPED_FLAGS, {})
     model_options = parse_model_options(args.model_option)
+    lr_scales = parse_lr_scales(args.lr_scale)
     if args.resume is not None:
-        if args.config is not None or model_options:
+        if args.config is not None or model_options or lr_scales:
             raise ConfigError("--resume continues a run with its saved configuration; do not combine it "
-                              "with --config or --model-option")
+                              "with --config, --model-option or --lr-scale")
         saved = read_run_config(args.resume)
         names = {name: typed.get(name, _flag(name)) for name in FIELDS}
         try:
@@ -191,6 +217,8 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         file_values = load_config_file(args.config) if args.config is not None else {}
         if model_options:
             overrides["model_options"] = _merge(file_values.get("model_options", {}), model_options)
+        if lr_scales:
+            overrides["lr_scales"] = {**file_values.get("lr_scales", {}), **lr_scales}
         try:
             config = build_config(file_values, overrides)
         except ConfigError as error:

@@ -33,6 +33,7 @@ from matcaps.errors import ConfigError
 from matcaps.losses import MarginSchedule
 from matcaps.models import CNN_BASELINE, MODEL_NAMES, CapsNetConfig, CNNBaselineConfig, ModelConfig, preset
 from matcaps.routing import MAX_ITERATIONS, ROUTING_IMPLEMENTATIONS, EMRoutingConfig
+from matcaps.train.param_groups import check_lr_scales
 
 if TYPE_CHECKING:
     from matcaps.data import DataConfig
@@ -133,6 +134,10 @@ class TrainConfig:
                                              "--lr-drop (a step schedule on top of the continuous decay, e.g. "
                                              "5154 6872)", "optimisation")
     lr_drop: float = _option(0.1, "float", "learning-rate factor at each of --lr-drop-steps", "optimisation")
+    lr_scales: dict[str, Any] = _option({}, "table", "learning-rate factor per parameter group (features, "
+                                        "transforms, beta_a, beta_v; see matcaps.train.param_groups), e.g. "
+                                        "transforms=10 (repeatable; default: one learning rate for all, IBM's)",
+                                        "optimisation")
     weight_decay: float = _option(0.0, "float", "L2 penalty factor on weights, TensorFlow l2_loss "
                                   "convention (Hinton et al.: 2e-7; IBM default: off)", "optimisation",
                                   aliases=("--l2",))
@@ -186,6 +191,7 @@ class TrainConfig:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         values["val_instances"] = list(self.val_instances)
         values["model_options"] = json.loads(json.dumps(self.model_options))
+        values["lr_scales"] = dict(self.lr_scales)
         return values
 
     @classmethod
@@ -242,7 +248,7 @@ def _check_kind(name: str, value: Any, kind: str, source: str) -> Any:
         return tuple(value)
     if kind == "table":
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{where} must be a table of model options, got {value!r}")
+            raise ConfigError(f"{where} must be a table, got {value!r}")
         return json.loads(json.dumps(value))
     raise AssertionError(f"unknown option kind {kind!r}")  # pragma: no cover
 
@@ -295,6 +301,7 @@ def validate(config: TrainConfig) -> None:
     if not config.device or not (config.device in ("auto", "cpu") or config.device.startswith("cuda")):
         raise ConfigError(f"option device must be auto, cpu, cuda or cuda:N, got {config.device!r}")
     config.margin_schedule()  # raises ConfigError for an impossible schedule
+    check_lr_scales(config.lr_scales)
 
 
 def data_config(config: TrainConfig, **changes: Any) -> "DataConfig":
@@ -393,6 +400,10 @@ def _resolve_cnn_config(config: TrainConfig, num_classes: int, image_size: int, 
     for name in ("iters", "routing_impl"):
         if getattr(config, name) is not None:
             raise ConfigError(f"option {name} applies to capsule networks, not to {CNN_BASELINE}")
+    capsule_groups = sorted(set(config.lr_scales) - {"features"})
+    if capsule_groups:
+        raise ConfigError(f"option lr_scales: {', '.join(capsule_groups)} are capsule parameters; "
+                          f"{CNN_BASELINE} has only features")
     options = dict(config.model_options)
     if "num_classes" in options and options["num_classes"] != num_classes:
         raise ConfigError(f"model option num_classes={options['num_classes']} does not match the {num_classes} "

@@ -48,6 +48,7 @@ from matcaps.train.checkpoint import (
 )
 from matcaps.train.config import TrainConfig
 from matcaps.train.monitor import TrainingMonitor
+from matcaps.train.param_groups import optimizer_groups
 from matcaps.train.reproducibility import seed_everything, use_deterministic_algorithms
 from matcaps.train.sampler import EpochBatchSampler, epoch_seed
 from matcaps.train.state import TrainResult, TrainState
@@ -110,7 +111,7 @@ class Trainer:
         self.model: nn.Module = build_model(model_config).to(self.device, self.dtype)
         if self.context.distributed and isinstance(self.model.input_norm, InputNorm):
             self.model.input_norm.synchronise()  # batch statistics of the global batch
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.optimizer = torch.optim.Adam(optimizer_groups(self.model, config.lr, config.lr_scales), lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=config.lr_factor)
         self.network: nn.Module = self.model
         if self.context.distributed:
@@ -358,7 +359,8 @@ class Trainer:
         loss, correct, applied = self.train_step(images, labels)
         self.state.batch_in_epoch += 1
         step = self.state.step
-        scalars = {"lr": self.optimizer.param_groups[0]["lr"], "margin": self.margin()}
+        first = self.optimizer.param_groups[0]
+        scalars = {"lr": first["lr"] / first.get("lr_scale", 1.0), "margin": self.margin()}  # the unscaled schedule
         self.monitor.after_step(self.state, float(loss), int(correct), labels.numel(), applied, scalars,
                                 self.total_steps)  # fmt: skip
         if bar is not None:
