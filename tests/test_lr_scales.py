@@ -95,6 +95,8 @@ def test_a_run_with_factors_saves_them_resumes_with_its_groups_and_refuses_new_o
     assert main(["train", "--dataset", "mnist", "--model-option", "conv1_channels=8", "--lr-scale", "transforms=10",
                  "--lr-scale", "beta_a=1e3", "--val-size", "10", "--batch-size", "5", "--max-steps", "2",
                  "--log-every", "1", "--run-dir", str(run), *common]) == 0  # fmt: skip
+    assert ("learning rate per parameter group: features 0.003 (x1), transforms 0.03 (x10), beta_a 3 (x1000), "
+            "beta_v 0.003 (x1)") in capsys.readouterr().out
     saved = tomllib.loads((run / "config.toml").read_text())
     assert saved["lr_scales"] == {"transforms": 10.0, "beta_a": 1000.0}
     groups = load_checkpoint(run / "last.pt")["optimizer"]["param_groups"]

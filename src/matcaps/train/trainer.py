@@ -295,6 +295,9 @@ class Trainer:
             f"({self.context.world_size} process(es)), {self.steps_per_epoch} steps/epoch, "
             f"{self.total_steps} steps in all" + (f", run directory {self.run_dir}" if self.run_dir else "")
         )
+        if self.config.lr_scales:
+            self.log("learning rate per parameter group: " + ", ".join(
+                f"{g['group']} {g['lr']:.3g} (x{g['lr_scale']:g})" for g in self.optimizer.param_groups))
         self._started = time.monotonic()
         try:
             self._fit()
