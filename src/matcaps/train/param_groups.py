@@ -42,15 +42,14 @@ def check_lr_scales(scales: Mapping[str, object]) -> None:
 
 
 def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """Every trainable parameter of ``model`` by group (see the module docstring), groups in
+    """Every parameter of ``model`` by group (see the module docstring), groups in
     :data:`LR_GROUPS` order, empty groups left out."""
     grouped: dict[str, list[nn.Parameter]] = {group: [] for group in LR_GROUPS}
     routed = {id(p): ROUTED_PARAMETER_GROUPS[name]
               for module in model.modules() if isinstance(module, RoutedCapsules)
               for name, p in module.named_parameters(recurse=False) if name in ROUTED_PARAMETER_GROUPS}  # fmt: skip
     for p in model.parameters():
-        if p.requires_grad:
-            grouped[routed.get(id(p), "features")].append(p)
+        grouped[routed.get(id(p), "features")].append(p)
     return {group: params for group, params in grouped.items() if params}
 
 
@@ -61,7 +60,7 @@ def optimizer_groups(model: nn.Module, lr: float, scales: Mapping[str, float]) -
     Raises :class:`ConfigError` if a scaled group has no parameter in this network.
     """
     if not scales:
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+        return [{"params": list(model.parameters()), "lr": lr}]  # exactly the optimizer of earlier runs
     check_lr_scales(scales)
     grouped = parameter_groups(model)
     missing = sorted(set(scales) - set(grouped))
