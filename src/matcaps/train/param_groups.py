@@ -10,7 +10,7 @@ lets a run change that; without factors the optimizer keeps the single group of 
 Groups (every parameter belongs to exactly one):
 
 * ``transforms``: the transformation matrices ``W_ij`` of the routed capsule layers (ConvCaps,
-  class capsules), eq. (1)'s ``V_ij = M_i W_ij``;
+  class capsules) in the votes ``V_ij = M_i · W_ij`` (Hinton et al. 2018, §2);
 * ``beta_a``, ``beta_v``: the routed layers' activation and cost biases (Procedure 1, M-step);
 * ``features``: everything else (first convolution, extra convolutions, primary capsules, the
   CNN baseline's layers).
