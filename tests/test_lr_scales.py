@@ -7,10 +7,8 @@ import tomllib
 
 import pytest
 import torch
-from data_fixtures import write_tiny_mnist
 
 from matcaps.cli import main
-from matcaps.data import prepare
 from matcaps.errors import ConfigError
 from matcaps.models import build_model
 from matcaps.models.cnn import CNNBaselineConfig
@@ -81,11 +79,9 @@ def test_bad_factors_are_refused_in_one_line(scales, message):
 
 
 @pytest.fixture
-def tiny_mnist(tmp_path):
-    root = tmp_path / "data"
-    write_tiny_mnist(root, n_train=30, n_test=10)
-    prepare("mnist", root, download=False, progress=False, verify=False)
-    return root
+def tiny_mnist(tiny_mnist_run):
+    """The prepared tiny MNIST of the shared ``tiny_mnist_run`` fixture."""
+    return tiny_mnist_run[1]
 
 
 def test_a_run_with_factors_saves_them_resumes_with_its_groups_and_refuses_new_ones(tmp_path, tiny_mnist, capsys,

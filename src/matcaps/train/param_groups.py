@@ -67,5 +67,6 @@ def optimizer_groups(model: nn.Module, lr: float, scales: Mapping[str, float]) -
     if missing:
         raise ConfigError(f"option lr_scales: this network has no {', '.join(missing)} parameters "
                           f"(it has {', '.join(grouped)})")
-    return [{"params": params, "lr": lr * float(scales.get(group, 1.0)), "group": group,
-             "lr_scale": float(scales.get(group, 1.0))} for group, params in grouped.items()]
+    factors = {group: float(scales.get(group, 1.0)) for group in grouped}
+    return [{"params": params, "lr": lr * factors[group], "group": group, "lr_scale": factors[group]}
+            for group, params in grouped.items()]
