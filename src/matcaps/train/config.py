@@ -144,6 +144,10 @@ class TrainConfig:
     clip_grad_norm: float = _option(0.0, "float", "rescale the gradient so that its global L2 norm (all "
                                     "parameters) is at most this before each step; 0: off (IBM: off)",
                                     "optimisation")
+    ema_decay: float = _option(0.0, "float", "validate, keep and test an exponential moving average of the "
+                               "weights with this decay per step, e.g. 0.999 (TensorFlow's warm-up over the first "
+                               "steps; see matcaps.train.ema); 0: off, the trained weights themselves (IBM's)",
+                               "optimisation")
     margin_start: float = _option(0.2, "float", "spread-loss margin at the start", "optimisation")
     margin_span: float = _option(0.79, "float", "total growth of the margin", "optimisation")
     margin_steps: float = _option(50_000.0, "float", "steps per unit of the margin's sigmoid", "optimisation")
@@ -296,6 +300,8 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"option weight_decay must be a non-negative number, got {config.weight_decay!r}")
     if not (math.isfinite(config.clip_grad_norm) and config.clip_grad_norm >= 0):
         raise ConfigError(f"option clip_grad_norm must be a non-negative number (0: off), got {config.clip_grad_norm!r}")
+    if not (math.isfinite(config.ema_decay) and 0 <= config.ema_decay < 1):
+        raise ConfigError(f"option ema_decay must be in [0, 1) (0: off), got {config.ema_decay!r}")
     if config.iters is not None and not 1 <= config.iters <= MAX_ROUTING_ITERATIONS:
         raise ConfigError(f"option iters must be between 1 and {MAX_ROUTING_ITERATIONS}, got {config.iters!r}")
     if not config.device or not (config.device in ("auto", "cpu") or config.device.startswith("cuda")):

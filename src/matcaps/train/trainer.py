@@ -8,7 +8,7 @@ functions of it.  A step whose loss or gradients are not finite changes nothing 
 optimizer update, the normalisation statistics are restored) and is counted in
 ``skipped_steps``.  What the run reports while it trains is :class:`TrainingMonitor`'s job.
 
-Exact resumption: the checkpoint holds the model, optimizer, scheduler, step, epoch,
+Exact resumption: the checkpoint holds the model (and its weight average), optimizer, scheduler, step, epoch,
 the position inside the epoch and the RNG states; the data order is a function of
 ``(seed, epoch)`` (:class:`~matcaps.train.sampler.EpochBatchSampler`), the training set's
 augmentation is told the epoch (``dataset.set_epoch``) and the loader workers are seeded
@@ -47,6 +47,7 @@ from matcaps.train.checkpoint import (
     save_atomic,
 )
 from matcaps.train.config import TrainConfig
+from matcaps.train.ema import WeightAverage
 from matcaps.train.monitor import TrainingMonitor
 from matcaps.train.param_groups import optimizer_groups
 from matcaps.train.reproducibility import seed_everything, use_deterministic_algorithms
@@ -113,6 +114,8 @@ class Trainer:
             self.model.input_norm.synchronise()  # batch statistics of the global batch
         self.optimizer = torch.optim.Adam(optimizer_groups(self.model, config.lr, config.lr_scales), lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=config.lr_factor)
+        #: ``--ema-decay``: the moving average of the weights, validated and saved as the checkpoints' network.
+        self.weight_average = WeightAverage(self.model, config.ema_decay) if config.ema_decay > 0 else None
         self.network: nn.Module = self.model
         if self.context.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -157,13 +160,26 @@ class Trainer:
     def margin(self, step: int | None = None) -> float:
         return self.schedule(self.state.step if step is None else step)
 
+    @property
+    def evaluated_model(self) -> nn.Module:
+        """The network that is validated and saved as a checkpoint's ``model``: the moving average of
+        the weights with ``--ema-decay``, else the trained network itself."""
+        return self.weight_average.average if self.weight_average is not None else self.model
+
     # ------------------------------------------------------------------ checkpoints
 
     def checkpoint_payload(self) -> dict[str, Any]:
-        """Everything needed to continue this run exactly."""
+        """Everything needed to continue this run exactly.
+
+        ``model`` holds the evaluated network (what ``matcaps test``, ``--init-from`` and the
+        pretrained weights read); with ``--ema-decay`` that is the weight average, and the trained
+        weights that training continues from are ``training_model``.
+        """
+        extra = {"training_model": self.model.state_dict()} if self.weight_average is not None else {}
         return {
             "format": CHECKPOINT_FORMAT,
-            "model": self.model.state_dict(),
+            "model": self.evaluated_model.state_dict(),
+            **extra,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "state": vars(self.state).copy(),
@@ -188,6 +204,8 @@ class Trainer:
         """
         initial = read_initial_weights(source, self.model_config.to_dict())
         self.model.load_state_dict(initial.weights)
+        if self.weight_average is not None:
+            self.weight_average.restart(self.model)
         return initial
 
     def load_checkpoint(self, payload: dict[str, Any]) -> None:
@@ -198,8 +216,15 @@ class Trainer:
             raise CheckpointError(f"the checkpoint's model configuration is invalid: {error}") from None
         if differences:
             raise CheckpointError("the checkpoint's model differs from the configured one")
+        if self.weight_average is not None and "training_model" not in payload:
+            raise CheckpointError("the checkpoint holds no trained weights beside the evaluated ones; it was not "
+                                  "written by a run with --ema-decay")
         try:
-            self.model.load_state_dict(payload["model"])
+            if self.weight_average is not None:
+                self.model.load_state_dict(payload["training_model"])
+                self.weight_average.average.load_state_dict(payload["model"])
+            else:
+                self.model.load_state_dict(payload["model"])
             self.optimizer.load_state_dict(payload["optimizer"])
             self.scheduler.load_state_dict(payload["scheduler"])
         except (RuntimeError, KeyError, ValueError) as error:
@@ -243,6 +268,8 @@ class Trainer:
             self.state.skipped_steps += 1
         self.scheduler.step()
         self.state.step += 1
+        if applied and self.weight_average is not None:
+            self.weight_average.update(self.model, self.state.step)
         correct = (scores.detach().argmax(dim=1) == labels).sum()
         return loss.detach(), correct, applied
 
@@ -253,7 +280,7 @@ class Trainer:
         if self.val_set is None:
             return None
         counts = evaluate_model(
-            self.model, self.val_set, self.model_config.num_classes, batch_size=self.config.val_batch_size,
+            self.evaluated_model, self.val_set, self.model_config.num_classes, batch_size=self.config.val_batch_size,
             margin=self.margin(), device=self.device, context=self.context, workers=self.config.workers,
             precision=self.config.precision, progress=self.config.progress and self.context.is_main,
             description=f"validate epoch {self.state.epoch + 1}",
