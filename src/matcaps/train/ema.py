@@ -1,4 +1,4 @@
-"""An exponential moving average of the weights (Polyak averaging), the network that is validated and kept.
+"""An exponential moving average of the weights: the network that is validated and kept with ``--ema-decay``.
 
 After every applied optimizer step the average moves towards the trained weights θ (``t``: the run's
 step count, 1, 2, …, skipped non-finite steps included):
@@ -19,15 +19,15 @@ import copy
 import torch
 from torch import nn
 
-#: The warm-up of the decay, ``d_t = min(d, (WARMUP_OFFSET_A + t) / (WARMUP_OFFSET_B + t))``:
+#: The warm-up of the decay, ``d_t = min(d, (WARMUP_NUMERATOR_OFFSET + t) / (WARMUP_DENOMINATOR_OFFSET + t))``:
 #: TensorFlow's ``tf.train.ExponentialMovingAverage`` with ``num_updates``.
-WARMUP_OFFSET_A = 1.0
-WARMUP_OFFSET_B = 10.0
+WARMUP_NUMERATOR_OFFSET = 1.0
+WARMUP_DENOMINATOR_OFFSET = 10.0
 
 
 def warmed_up_decay(decay: float, update: int) -> float:
     """``d_t = min(decay, (1 + t) / (10 + t))`` for the ``update``-th update (``t`` ≥ 1)."""
-    return min(decay, (WARMUP_OFFSET_A + update) / (WARMUP_OFFSET_B + update))
+    return min(decay, (WARMUP_NUMERATOR_OFFSET + update) / (WARMUP_DENOMINATOR_OFFSET + update))
 
 
 class WeightAverage:
