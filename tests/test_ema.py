@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_support import TinyImages, state_dicts_equal, tiny_config, tiny_model_config
+from train_support import Crash, TinyImages, crash_at, state_dicts_equal, tiny_config, tiny_model_config
 
 from matcaps.cli import main
 from matcaps.errors import CheckpointError, ConfigError
@@ -17,10 +17,6 @@ from matcaps.train.ema import warmed_up_decay
 @pytest.fixture(autouse=True)
 def _one_thread(single_thread):
     """See :func:`conftest.single_thread`."""
-
-
-class Crash(Exception):
-    """Raised by a step hook to simulate a run killed after some step."""
 
 
 def test_the_decay_warms_up_as_tensorflows_moving_average():
@@ -85,13 +81,8 @@ def test_a_resumed_run_ends_with_the_same_average_and_weights(tmp_path, crash_st
     model_config = tiny_model_config(config)
     val_set = TinyImages(16, seed=1, augment=False)
     train_run(config, model_config, TinyImages(40), val_set, tmp_path / "whole")
-
-    def crash(trainer: Trainer) -> None:
-        if trainer.state.step == crash_step:
-            raise Crash
-
     with pytest.raises(Crash):
-        train_run(config, model_config, TinyImages(40), val_set, tmp_path / "killed", step_hook=crash)
+        train_run(config, model_config, TinyImages(40), val_set, tmp_path / "killed", step_hook=crash_at(crash_step))
     train_run(config, model_config, TinyImages(40), val_set, tmp_path / "killed", resume=True)
     whole, resumed = (load_checkpoint(tmp_path / run / LAST_CHECKPOINT) for run in ("whole", "killed"))
     assert whole["state"]["step"] == resumed["state"]["step"] == 15

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from train_support import TinyImages, state_dicts_equal, tiny_config, tiny_model_config
+from train_support import Crash, TinyImages, crash_at, state_dicts_equal, tiny_config, tiny_model_config
 
 from matcaps.train import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, load_checkpoint, read_metrics, train_run
 
@@ -16,18 +16,6 @@ from matcaps.train import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, load_checkp
 @pytest.fixture(autouse=True)
 def _one_thread(single_thread):
     """See :func:`conftest.single_thread`."""
-
-
-class Crash(Exception):
-    """Raised by a step hook to simulate a run killed after some step."""
-
-
-def crash_at(step: int):
-    def hook(trainer: Trainer) -> None:
-        if trainer.state.step == step:
-            raise Crash(step)
-
-    return hook
 
 
 def test_learning_rate_decays_continuously_and_margin_follows_the_schedule():

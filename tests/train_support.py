@@ -49,6 +49,20 @@ class TinyImages(Dataset):
         return image, self.labels[index]
 
 
+class Crash(Exception):
+    """Raised by a step hook to simulate a run killed after some step."""
+
+
+def crash_at(step: int):
+    """A step hook that raises :class:`Crash` once the trainer has taken ``step`` steps."""
+
+    def hook(trainer: Any) -> None:
+        if trainer.state.step == step:
+            raise Crash(step)
+
+    return hook
+
+
 def tiny_config(**changes: Any) -> TrainConfig:
     """A fast configuration: batch 8, no workers, no progress bars, frequent logging."""
     values: dict[str, Any] = dict(
