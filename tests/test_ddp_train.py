@@ -45,13 +45,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, run_dir: str) -> None:
+#: Batch-normalised convolutions (``conv_norm``): their statistics, and their gradients, span both processes.
+CONV_NORM_OPTIONS = dict(TINY_MODEL_OPTIONS, stem_convs=1, conv_norm=True)
+
+
+def _worker(rank: int, world_size: int, port: int, run_dir: str, model_options: dict | None = None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))  # what torchrun sets
     torch.set_num_threads(1)
     context = setup_distributed("cpu")
     try:
-        config = tiny_config(**CONFIG_CHANGES)
+        config = tiny_config(**CONFIG_CHANGES, model_options=dict(model_options or TINY_MODEL_OPTIONS))
         train_run(config, tiny_model_config(config), TinyImages(40), TinyImages(16, seed=1, augment=False), run_dir,
                   context=context)  # fmt: skip
     finally:
@@ -68,20 +72,28 @@ def test_process_shards_of_the_sampler_make_up_the_global_batches():
         assert batch == first + second
 
 
-def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("model_options", [TINY_MODEL_OPTIONS, CONV_NORM_OPTIONS], ids=["paper", "conv_norm"])
+def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path, model_options):
     single = tmp_path / "single"
-    config = tiny_config(**CONFIG_CHANGES)
+    config = tiny_config(**CONFIG_CHANGES, model_options=dict(model_options))
     train_run(config, tiny_model_config(config), TinyImages(40), TinyImages(16, seed=1, augment=False), single)
 
     parallel = tmp_path / "parallel"
-    mp.spawn(_worker, args=(WORLD_SIZE, free_port(), str(parallel)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_worker, args=(WORLD_SIZE, free_port(), str(parallel), model_options), nprocs=WORLD_SIZE, join=True)
 
     one, two = load_checkpoint(single / LAST_CHECKPOINT), load_checkpoint(parallel / LAST_CHECKPOINT)
     assert one["state"]["step"] == two["state"]["step"] == 10
+    # Adam amplifies float64 rounding where a gradient is near zero; more so behind a batch norm,
+    # whose output does not change with its input's scale (measured: up to 1.3e-6 after 10 steps).
+    tolerance = 1e-5 if model_options.get("conv_norm") else 1e-6
     for name, value in one["model"].items():
-        torch.testing.assert_close(two["model"][name], value, rtol=1e-6, atol=1e-6, msg=name)
+        torch.testing.assert_close(two["model"][name], value, rtol=tolerance, atol=tolerance, msg=name)
     # The input statistics are those of the global batch (InputNorm.synchronise).
     assert torch.allclose(two["model"]["input_norm.running_mean"], one["model"]["input_norm.running_mean"], atol=1e-12)
+    if model_options.get("conv_norm"):  # so are the feature statistics (FeatureNorm.synchronise)
+        for index in range(2):
+            key = f"conv_norms.{index}.running_var"
+            torch.testing.assert_close(two["model"][key], one["model"][key], rtol=1e-6, atol=1e-9, msg=key)
     train = lambda run: [r for r in read_metrics(run) if r["phase"] == "train"]
     assert [r["loss"] for r in train(parallel)] == pytest.approx([r["loss"] for r in train(single)], rel=1e-6)
     assert [r["accuracy"] for r in train(parallel)] == [r["accuracy"] for r in train(single)]

@@ -29,6 +29,7 @@ def test_parameter_count_by_layer():
         "input_norm": 0,
         "conv1": 5 * 5 * 64 + 64,
         "stem": 0,  # no extra convolutions in the paper's network (stem_convs = 0)
+        "conv_norms": 0,  # no batch-normalised convolutions either (conv_norm = False)
         "primary_caps": 64 * 8 * 16 + 8 * 16 + 64 * 8 + 8,
         "conv_caps1": 3 * 3 * 8 * 16 * 16 + 2 * 16,
         "conv_caps2": 3 * 3 * 16 * 16 * 16 + 2 * 16,

@@ -1,4 +1,6 @@
-"""Batch normalisation of the input images without learned scale or shift, optionally across processes."""
+"""Batch normalisation whose statistics can span several processes: of the input images
+(:class:`InputNorm`, no learned scale or shift, as IBM) and of convolution features
+(:class:`FeatureNorm`, with them, ``model option conv_norm``)."""
 
 from __future__ import annotations
 
@@ -42,9 +44,15 @@ class InputNorm(nn.Module):
         InvalidInputError: (when called) the input is not ``(N, channels, H, W)``.
     """
 
+    #: Whether the normalised channels are scaled and shifted by learned ``weight`` and ``bias``.
+    affine = False
+
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.channels = channels
+        if self.affine:  # BatchNorm2d's initialisation: γ = 1, β = 0
+            self.weight = nn.Parameter(torch.ones(channels))
+            self.bias = nn.Parameter(torch.zeros(channels))
         self.register_buffer("running_mean", torch.zeros(channels))
         self.register_buffer("running_var", torch.ones(channels))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
@@ -60,8 +68,15 @@ class InputNorm(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != self.channels:
             got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-            raise InvalidInputError(f"InputNorm({self.channels}) expects images (N, {self.channels}, H, W), got {got}")
+            raise InvalidInputError(f"{type(self).__name__}({self.channels}) expects images (N, {self.channels}, H, W), got {got}")
         shape = (1, self.channels, 1, 1)
+        normalised = self._normalise(images, shape)
+        if self.affine:
+            normalised = normalised * self.weight.view(shape) + self.bias.view(shape)
+        return normalised
+
+    def _normalise(self, images: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """``(x − mean) / sqrt(var + ε)`` per channel: batch statistics in training, running ones in eval."""
         if not self.training:
             return (images - self.running_mean.view(shape)) / torch.sqrt(self.running_var.view(shape) + VARIANCE_EPSILON)
         x = images.double()  # the statistics in float64 (and differentiable)
@@ -89,6 +104,24 @@ class InputNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, synchronised={self._synchronised}"
+
+
+class FeatureNorm(InputNorm):
+    """``BatchNorm2d`` (learned per-channel scale γ and shift β) whose statistics can span processes.
+
+    Ioffe & Szegedy (2015), Algorithm 1: ``y = γ·(x − μ_B)/sqrt(σ²_B + ε) + β``.  It normalises the
+    convolution features of :attr:`~matcaps.models.CapsNetConfig.conv_norm` (not in the paper); like
+    :class:`InputNorm`, under data parallelism it uses the statistics of the global batch, so
+    training on several processes is the same as on one.
+
+    Args:
+        channels: Number of feature channels.
+
+    Shapes:
+        ``(N, channels, H, W)`` → same.
+    """
+
+    affine = True
 
 
 class _SumOverProcesses(torch.autograd.Function):

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from matcaps.layers import ClassCaps, ConvCaps, InputNorm, PrimaryCaps, share_workspace
+from matcaps.layers import ClassCaps, ConvCaps, FeatureNorm, InputNorm, PrimaryCaps, share_workspace
 from matcaps.layers.init import BETA_A_INIT_MEAN, BETA_A_INIT_STD, TRANSFORM_INIT_STD, init_conv_, truncated_normal_
 from matcaps.models.config import STEM_KERNEL, CapsNetConfig
 
@@ -58,13 +58,18 @@ class CapsNet(nn.Module):
         self.config = config
         c = config
         self.input_norm = InputNorm(c.in_channels) if c.input_norm else nn.Identity()
-        self.conv1 = init_conv_(
-            nn.Conv2d(c.in_channels, c.conv1_channels, c.conv1_kernel, stride=c.conv1_stride, padding=c.conv1_kernel // 2)
-        )
+        bias = not c.conv_norm  # a batch norm's shift replaces the bias
+        self.conv1 = init_conv_(nn.Conv2d(
+            c.in_channels, c.conv1_channels, c.conv1_kernel, stride=c.conv1_stride, padding=c.conv1_kernel // 2, bias=bias,
+        ))  # fmt: skip
         self.stem = nn.ModuleList(
-            init_conv_(nn.Conv2d(c.conv1_channels, c.conv1_channels, STEM_KERNEL, padding=STEM_KERNEL // 2))
+            init_conv_(nn.Conv2d(c.conv1_channels, c.conv1_channels, STEM_KERNEL, padding=STEM_KERNEL // 2, bias=bias))
             for _ in range(c.stem_convs)
         )  # empty for the paper's network: no parameters, no random draws, old checkpoints load as they are
+        # conv_norm: one FeatureNorm per convolution above (conv1 first); empty without it, as the stem.
+        self.conv_norms = nn.ModuleList(
+            FeatureNorm(c.conv1_channels) for _ in range((1 + c.stem_convs) if c.conv_norm else 0)
+        )
         self.primary_caps = PrimaryCaps(c.conv1_channels, c.primary_types, c.pose_size)
         self.conv_caps1 = ConvCaps(
             c.primary_types, c.conv_caps1_types, c.conv_caps1_kernel, c.conv_caps1_stride,
@@ -97,9 +102,12 @@ class CapsNet(nn.Module):
                     truncated_normal_(layer.beta_a, c.beta_a_init_mean, c.beta_a_init_std)
 
     def forward(self, images: Tensor) -> CapsNetOutput:
-        features = torch.relu(self.conv1(self.input_norm(images)))
-        for conv in self.stem:
-            features = torch.relu(conv(features))
+        features = self.input_norm(images)
+        for index, conv in enumerate((self.conv1, *self.stem)):
+            features = conv(features)
+            if self.conv_norms:
+                features = self.conv_norms[index](features)
+            features = torch.relu(features)
         poses, activations = self.primary_caps(features)
         poses, activations = self.conv_caps1(poses, activations)
         poses, activations = self.conv_caps2(poses, activations)

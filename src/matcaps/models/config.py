@@ -34,7 +34,7 @@ class CapsNetConfig:
     """Architecture of a matrix-capsule network (Hinton et al. 2018, Figure 1).
 
     ``input → batch norm (no affine) → ReLU conv K1/s1 with A channels [→ stem_convs × ReLU
-    conv 3×3/1 with A channels] → PrimaryCaps (B) → ConvCaps K2/s2 (C) → ConvCaps K3/s3 (D)
+    conv 3×3/1 with A channels] (each conv batch-normalised with conv_norm) → PrimaryCaps (B) → ConvCaps K2/s2 (C) → ConvCaps K3/s3 (D)
     → ClassCaps (classes)``.
 
     The defaults are the IBM smallNORB network (A=64, B=8, C=D=16): 32×32 input, capsule
@@ -52,6 +52,11 @@ class CapsNetConfig:
             0 (default) is the paper's network.  Not in the paper: a deeper feature extractor, as
             the CNN baseline has (two convolutions before its classifier); each adds 9·A² + A
             parameters and leaves every capsule map's size as it is.
+        conv_norm: Batch-normalise (learned scale and shift, :class:`~matcaps.layers.FeatureNorm`)
+            the output of the first convolution and of every ``stem_convs`` convolution before its
+            ReLU; those convolutions then have no bias (the norm's shift replaces it), so each adds
+            A parameters.  Not in the paper (False): the usual companion of a convolutional
+            feature extractor, for faster fitting.
         primary_types: ``B``, primary capsule types.
         conv_caps1_types, conv_caps1_kernel, conv_caps1_stride: ``C`` and the window of ConvCaps1.
         conv_caps2_types, conv_caps2_kernel, conv_caps2_stride: ``D`` and the window of ConvCaps2.
@@ -77,6 +82,7 @@ class CapsNetConfig:
     conv1_kernel: int = 5
     conv1_stride: int = 2
     stem_convs: int = 0
+    conv_norm: bool = False
     primary_types: int = 8
     conv_caps1_types: int = 16
     conv_caps1_kernel: int = 3
@@ -101,6 +107,8 @@ class CapsNetConfig:
                     raise ConfigError(f"model option {f.name} must be a non-negative integer, got {value!r}")
             elif f.type == "int" and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"model option {f.name} must be a positive integer, got {value!r}")
+            elif f.type == "bool" and not isinstance(value, bool):
+                raise ConfigError(f"model option {f.name} must be true or false, got {value!r}")
         for name in ("transform_init_std", "beta_a_init_std"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:

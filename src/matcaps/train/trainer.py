@@ -110,8 +110,10 @@ class Trainer:
         seed_everything(config.seed)  # identical initial weights on every process
         self.dtype = torch.float64 if config.precision == "fp64" else torch.float32
         self.model: nn.Module = build_model(model_config).to(self.device, self.dtype)
-        if self.context.distributed and isinstance(self.model.input_norm, InputNorm):
-            self.model.input_norm.synchronise()  # batch statistics of the global batch
+        if self.context.distributed:
+            for module in self.model.modules():
+                if isinstance(module, InputNorm):  # and FeatureNorm
+                    module.synchronise()  # batch statistics of the global batch
         self.optimizer = torch.optim.Adam(optimizer_groups(self.model, config.lr, config.lr_scales), lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=config.lr_factor)
         #: ``--ema-decay``: the moving average of the weights, validated and saved as the checkpoints' network.
@@ -119,8 +121,8 @@ class Trainer:
         self.network: nn.Module = self.model
         if self.context.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            # InputNorm computes the same (global-batch) statistics on every process, so the
-            # buffers DDP broadcasts from rank 0 equal the local ones.
+            # InputNorm and FeatureNorm compute the same (global-batch) statistics on every process,
+            # so the buffers DDP broadcasts from rank 0 equal the local ones.
             self.network = DistributedDataParallel(self.model, device_ids=device_ids)
         if config.compile:
             self.network = torch.compile(self.network)
