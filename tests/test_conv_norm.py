@@ -24,10 +24,12 @@ def count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def test_feature_norm_is_torch_batch_norm_in_training_and_in_eval():
+@pytest.mark.parametrize("float64_statistics", [False, True], ids=["native", "float64 sums (as across processes)"])
+def test_feature_norm_is_torch_batch_norm_in_training_and_in_eval(float64_statistics):
     """Outputs, gradients (input, γ, β) and running statistics against ``torch.nn.BatchNorm2d``."""
     torch.manual_seed(0)
     ours, reference = FeatureNorm(3).double(), torch.nn.BatchNorm2d(3).double()
+    ours.float64_statistics = float64_statistics
     with torch.no_grad():
         for norm in (ours, reference):
             norm.weight.copy_(torch.tensor([0.5, 2.0, -1.0]))
@@ -44,6 +46,7 @@ def test_feature_norm_is_torch_batch_norm_in_training_and_in_eval():
             torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(ours.running_mean, reference.running_mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ours.running_var, reference.running_var, rtol=1e-12, atol=1e-12)
+    assert int(ours.num_batches_tracked) == int(reference.num_batches_tracked) == 3
     features = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     torch.testing.assert_close(ours.eval()(features), reference.eval()(features), rtol=1e-12, atol=1e-12)
 
