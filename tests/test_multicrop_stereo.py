@@ -1,4 +1,4 @@
-"""13-crop evaluation (``matcaps test --crops``) and stereo smallNORB (``--stereo``)."""
+"""13-crop and mirrored evaluation (``matcaps test --crops/--mirrored``) and stereo smallNORB (``--stereo``)."""
 
 from __future__ import annotations
 
@@ -110,6 +110,46 @@ def test_one_crop_is_the_normal_test_and_13_crops_average_the_scores_of_the_13_w
                                   for offset in crop_offsets(13)])  # fmt: skip
             confusion[label, int(scores.mean(dim=0).argmax())] += 1
     assert thirteen["confusion_matrix"] == confusion.tolist()
+
+
+@pytest.mark.parametrize("crops", [1, 13])
+def test_mirrored_views_follow_the_plain_ones_and_are_the_mirror_images_windows(crops):
+    image = np.zeros((28, 28), dtype=np.uint8)
+    image[5:23, 4:16] = np.random.default_rng(2).integers(1, 256, (18, 12))  # not symmetric
+    plain = MultiCropTransform(DigitsTransform(), crop_offsets(crops))(image)
+    both = MultiCropTransform(DigitsTransform(), crop_offsets(crops), mirrored=True)
+    views = both(image)
+    assert both.views == 2 * crops and views.shape == (2 * crops, 1, 28, 28)
+    assert torch.equal(views[:crops], plain)
+    mirror = MultiCropTransform(DigitsTransform(), crop_offsets(crops))(np.ascontiguousarray(image[:, ::-1]))
+    torch.testing.assert_close(views[crops:], mirror)
+    torch.testing.assert_close(views[crops], DigitsTransform()(image).flip(-1))
+    assert not torch.equal(views[crops], views[0])
+
+
+def test_mirrored_testing_averages_the_scores_of_each_image_and_its_mirror_image(norb_run, capsys):
+    assert main(["test", str(norb_run), "--no-progress", "--workers", "0", "--mirrored", "--batch-size", "10"]) == 0
+    assert "(1 crop and its mirror image each)" in capsys.readouterr().out
+    mirrored = json.loads((norb_run / "test-standard-best-mirrored.json").read_text())
+    assert mirrored["mirrored"] is True and mirrored["crops"] == 1 and mirrored["num_images"] == 2 * PAIRS
+    assert (norb_run / "confusion-standard-best-mirrored.png").is_file()
+    loaded = load_for_testing(norb_run, "best", device="cpu")
+    transform = loaded.test_set.transform
+    images = np.load(loaded.test_set.images_path)
+    confusion = np.zeros((5, 5), dtype=int)
+    with torch.no_grad():
+        for row, label in zip(loaded.test_set.rows, loaded.test_set.labels):
+            pixels = transform.pixels(images[row]).unsqueeze(0)
+            scores = loaded.model(torch.cat([transform.normalise(pixels), transform.normalise(pixels.flip(-1))])).scores
+            confusion[label, int(scores.mean(dim=0).argmax())] += 1
+    assert mirrored["confusion_matrix"] == confusion.tolist()
+    assert main(["test", str(norb_run), "--no-progress", "--workers", "0"]) == 0
+    plain = json.loads((norb_run / "test-standard-best.json").read_text())
+    assert mirrored["loss"] != pytest.approx(plain["loss"], rel=1e-6)  # the mirror images were scored too
+    assert main(["test", str(norb_run), "--no-progress", "--workers", "0", "--mirrored", "--crops", "13"]) == 0
+    assert "(13 crops and their mirror images each)" in capsys.readouterr().out
+    both = json.loads((norb_run / "test-standard-best-13crops-mirrored.json").read_text())
+    assert both["crops"] == 13 and both["mirrored"] is True
 
 
 def test_stereo_items_are_both_views_as_two_channels_with_half_the_items(norb_root):

@@ -45,6 +45,7 @@ class TestReport:
         per_class_accuracy: Recall of each class, by name.
         confusion_matrix: ``K × K`` counts, rows = true class, columns = predicted.
         crops: Windows per image whose class scores were averaged (1 or 13).
+        mirrored: Whether each window was also scored mirrored left-right (``2·crops`` views).
         affine_seed: Seed of the ``affine`` test set (None for other splits).
     """
 
@@ -62,7 +63,13 @@ class TestReport:
     confusion_matrix: list[list[int]]
     crops: int = 1
     affine_seed: int | None = None
+    mirrored: bool = False
     evaluated: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+    def views_text(self) -> str:
+        """The views averaged per image, in words: ``13 crops``, ``1 crop and its mirror image``, …"""
+        crops = f"{self.crops} crop{'s' if self.crops > 1 else ''}"
+        return f"{crops} and {'their mirror images' if self.crops > 1 else 'its mirror image'}" if self.mirrored else crops
 
     def to_dict(self) -> dict:
         values = asdict(self)
@@ -153,6 +160,7 @@ def evaluate_checkpoint(
     crops: int = 1,
     viewpoints: str = "novel",
     affine_seed: int = AFFINE_SEED,
+    mirrored: bool = False,
 ) -> TestReport:
     """Score the checkpoint ``target`` (a run directory + ``which``, or a ``.pt`` file) on its test set.
 
@@ -169,15 +177,19 @@ def evaluate_checkpoint(
             (:mod:`matcaps.data.crops`).
         viewpoints: With a viewpoint split, score the ``novel`` or the ``familiar`` test viewpoints.
         affine_seed: Seed of the ``affine`` test set.
+        mirrored: Also average the class scores of every window mirrored left-right (the test-time
+            counterpart of ``--hflip`` training).
     """
     offsets = crop_offsets(crops)
     loaded = load_for_testing(target, which, split, data_root, device, viewpoints, affine_seed)
     test_set = loaded.test_set
-    if crops > 1:
+    views = 1
+    if crops > 1 or mirrored:
         test_set = copy.copy(test_set)
-        test_set.transform = MultiCropTransform(test_set.transform, offsets)
+        test_set.transform = MultiCropTransform(test_set.transform, offsets, mirrored)
+        views = test_set.transform.views
     counts = evaluate_model(
-        loaded.model, test_set, loaded.model_config.num_classes, batch_size=max(1, batch_size // len(offsets)),
+        loaded.model, test_set, loaded.model_config.num_classes, batch_size=max(1, batch_size // views),
         margin=loaded.config.margin_schedule()(loaded.step), device=loaded.device, workers=workers,
         progress=progress, description=f"test {loaded.split}",
     )  # fmt: skip
@@ -188,7 +200,7 @@ def evaluate_checkpoint(
         error_rate=1.0 - counts.accuracy, loss=counts.loss, class_names=names,
         per_class_accuracy=dict(zip(names, counts.per_class_accuracy())),
         confusion_matrix=counts.confusion.tolist(), crops=crops,
-        affine_seed=affine_seed if loaded.split == "affine" else None,
+        affine_seed=affine_seed if loaded.split == "affine" else None, mirrored=mirrored,
     )  # fmt: skip
 
 
@@ -198,7 +210,8 @@ def format_report(report: TestReport) -> str:
     width = max(8, *(len(n) for n in names))
     lines = [
         f"{report.dataset} {report.split} test set, {report.num_images} images"
-        f"{f' ({report.crops} crops each)' if report.crops > 1 else ''}, checkpoint {report.checkpoint} "
+        f"{f' ({report.views_text()} each)' if report.crops > 1 or report.mirrored else ''}, "
+        f"checkpoint {report.checkpoint} "
         f"(step {report.step}, epoch {report.epoch}): accuracy {report.accuracy:.4f} "
         f"(error {100 * report.error_rate:.2f} %), loss {report.loss:.4f}",
         "per-class accuracy:",
@@ -228,8 +241,8 @@ def plot_confusion(report: TestReport, path: str | Path) -> Path:
     axes.set_yticks(ticks, report.class_names)
     axes.set_xlabel("predicted class")
     axes.set_ylabel("true class")
-    crops = f", {report.crops} crops" if report.crops > 1 else ""
-    axes.set_title(f"{report.dataset} {report.split} test set{crops}, {Path(report.checkpoint).name} "
+    views = f", {report.views_text()}" if report.crops > 1 or report.mirrored else ""
+    axes.set_title(f"{report.dataset} {report.split} test set{views}, {Path(report.checkpoint).name} "
                    f"(step {report.step}, epoch {report.epoch})\naccuracy {100 * report.accuracy:.2f} %")
     for row in ticks:
         for column in ticks:
@@ -248,6 +261,7 @@ def save_report(report: TestReport, directory: str | Path | None = None) -> tupl
     checkpoint = Path(report.checkpoint)
     directory = Path(directory) if directory is not None else checkpoint.parent
     stem = f"{report.split}-{checkpoint.stem}" + (f"-{report.crops}crops" if report.crops > 1 else "")
+    stem += "-mirrored" if report.mirrored else ""
     json_path, png_path = directory / f"test-{stem}.json", directory / f"confusion-{stem}.png"
     plot_confusion(report, png_path)
     values = {**report.to_dict(), "confusion_png": str(png_path)}

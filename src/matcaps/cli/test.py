@@ -37,6 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--crops", type=int, choices=(1, 13), default=1,
                         help="1, or 13: average the class scores of the centre crop and the crops moved by "
                              "±1, ±2, ±3 pixels along both diagonals (the official smallNORB release's; default: 1)")
+    parser.add_argument("--mirrored", action="store_true",
+                        help="also average the class scores of every crop mirrored left-right (the test-time "
+                             "counterpart of training with --hflip; reports get a -mirrored suffix)")
     parser.add_argument("--data-root", type=Path, help="prepared data directory (default: the run's)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
@@ -85,7 +88,7 @@ def run_command(args: argparse.Namespace) -> int:
         report = evaluate_checkpoint(
             target, which=args.checkpoint, split=args.split, data_root=data_root,
             batch_size=args.batch_size, device=args.device, workers=args.workers, progress=args.progress,
-            crops=args.crops, viewpoints=args.viewpoints, affine_seed=args.affine_seed,
+            crops=args.crops, viewpoints=args.viewpoints, affine_seed=args.affine_seed, mirrored=args.mirrored,
         )  # fmt: skip
     except DamagedCheckpointError as error:
         if error.alternative is None:

@@ -5,6 +5,9 @@ reported in the paper): the centre crop and the windows moved diagonally by ±1,
 along both diagonals.  For smallNORB the windows are 32×32 crops of the standardised 48×48 image;
 for datasets fed whole (MNIST-like), the window moves over the image and the background (zeros,
 before standardisation) fills what it uncovers.
+
+With ``mirrored`` each window is also taken from the image mirrored left-right (the test-time
+counterpart of ``--hflip`` training; not in the paper).
 """
 
 from __future__ import annotations
@@ -41,11 +44,19 @@ class MultiCropTransform:
 
     Attributes:
         base: an evaluation transform with ``pixels`` and ``normalise`` (see :mod:`matcaps.data.transforms`).
-        offsets: ``V`` window offsets ``(dy, dx)``.
+        offsets: Window offsets ``(dy, dx)``.
+        mirrored: Also every window of the image mirrored left-right, after those of the image:
+            ``V = 2·len(offsets)`` instead of ``len(offsets)``.
     """
 
     base: object
     offsets: tuple[tuple[int, int], ...]
+    mirrored: bool = False
+
+    @property
+    def views(self) -> int:
+        """``V``, the views of each image."""
+        return len(self.offsets) * (2 if self.mirrored else 1)
 
     @property
     def random(self) -> bool:
@@ -53,4 +64,7 @@ class MultiCropTransform:
 
     def __call__(self, image: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
         pixels = self.base.pixels(image, generator).unsqueeze(0)  # type: ignore[attr-defined]
-        return torch.cat([self.base.normalise(pixels, offset) for offset in self.offsets]).contiguous()  # type: ignore[attr-defined]
+        sources = (pixels, pixels.flip(-1)) if self.mirrored else (pixels,)
+        return torch.cat([
+            self.base.normalise(source, offset) for source in sources for offset in self.offsets  # type: ignore[attr-defined]
+        ]).contiguous()  # fmt: skip
