@@ -227,13 +227,14 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Train (or resume) as the options say; returns 0."""
+    """Train (or resume) as the options say; returns 0, or 128 + N when signal N stopped it (with a checkpoint)."""
     from matcaps.allocator import apply_allocator
     from matcaps.data import load_splits
     from matcaps.models import CapsNetConfig
     from matcaps.train.checkpoint import read_initial_weights
     from matcaps.train.config import data_config, resolve_model_config
     from matcaps.distributed import setup_distributed, teardown_distributed
+    from matcaps.train.interrupt import SIGNAL_EXIT_BASE, StopSignals
     from matcaps.train.run import describe_progress, train_run
 
     config = resolve_config(args)
@@ -252,11 +253,13 @@ def run_command(args: argparse.Namespace) -> int:
     context = setup_distributed(config.device)
     try:
         run_dir = Path(args.resume) if args.resume is not None else _agree_on_run_dir(args, config, context)
-        result = train_run(
-            config, model_config, splits.train, splits.val, run_dir, resume=args.resume is not None, context=context,
-            extra_info={"allocator": allocator, "dataset_sizes": {"train": len(splits.train), "val": len(splits.val) if splits.val else 0,
-                                          "test": len(splits.test)}},
-        )  # fmt: skip
+        with StopSignals() as stop_signals:  # Ctrl-C / SIGTERM: stop after the step, with a checkpoint
+            result = train_run(
+                config, model_config, splits.train, splits.val, run_dir, resume=args.resume is not None, context=context,
+                extra_info={"allocator": allocator, "dataset_sizes": {"train": len(splits.train), "val": len(splits.val) if splits.val else 0,
+                                              "test": len(splits.test)}},
+                stop_requested=stop_signals.requested,
+            )  # fmt: skip
     finally:
         teardown_distributed(context)
     if context.is_main:
@@ -265,6 +268,8 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"finished at step {result.step} ({progress}){best}, {result.skipped_steps} skipped step(s); "
               f"run directory {run_dir}")
         print(f"evaluate with: matcaps test {run_dir}    curves: matcaps plot {run_dir}")
+    if stop_signals.received is not None and result.stopped_by not in (None, "time"):
+        return SIGNAL_EXIT_BASE + int(stop_signals.received)  # as a shell reports a process ended by it
     return 0
 
 

@@ -19,7 +19,7 @@ import itertools
 import json
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -182,13 +182,17 @@ def train_run(
     context: DistributedContext | None = None,
     step_hook: StepHook | None = None,
     extra_info: dict[str, Any] | None = None,
+    stop_requested: Callable[[], str | None] | None = None,
 ) -> TrainResult:
     """Train (or, with ``resume``, continue from ``RUN/last.pt``) into ``run_dir``.
 
-    Every process calls this; only the main one writes files.
+    Every process calls this; only the main one writes files.  ``stop_requested`` is asked after
+    every step; once it names a reason (e.g. ``StopSignals().requested``), training stops there with
+    a checkpoint, as at ``config.max_minutes``.
     """
     run_dir = Path(run_dir)
-    trainer = Trainer(config, model_config, train_set, val_set, run_dir=run_dir, context=context, step_hook=step_hook)
+    trainer = Trainer(config, model_config, train_set, val_set, run_dir=run_dir, context=context, step_hook=step_hook,
+                      stop_requested=stop_requested)  # fmt: skip
     if not resume and config.init_from is not None:
         initial = trainer.load_initial_weights(config.init_from)
         changed = f" (routing changed: {', '.join(initial.routing_changes)})" if initial.routing_changes else ""

@@ -41,3 +41,5 @@ class TrainResult:
     last_train_loss: float | None
     run_dir: Path | None
     batch_in_epoch: int = 0
+    #: Why training stopped before its last step: "time" (``--max-minutes``), a signal's name, or None.
+    stopped_by: str | None = None

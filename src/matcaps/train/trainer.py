@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from matcaps.distributed import DistributedContext, all_agree, resolve_device
+from matcaps.train.interrupt import ignore_stop_signals
 from matcaps.errors import CheckpointError, ConfigError
 from matcaps.layers import InputNorm
 from matcaps.losses import classification_loss, l2_penalty, regularised_parameters
@@ -85,6 +86,7 @@ class Trainer:
         context: DistributedContext | None = None,
         step_hook: StepHook | None = None,
         log: Callable[[str], None] | None = None,
+        stop_requested: Callable[[], str | None] | None = None,
     ) -> None:
         self.config = config
         self.model_config = model_config
@@ -132,6 +134,10 @@ class Trainer:
         )  # fmt: skip
         self.monitor = TrainingMonitor(self.model, config, self.context, self.log)
         self._started = time.monotonic()
+        #: Asked after every step: the name of a stop request (e.g. a signal's), or None to go on.
+        self.stop_requested = stop_requested
+        #: Why training stopped before its last step: "time" (``--max-minutes``), a signal's name, or None.
+        self.stopped_by: str | None = None
         self.stopped_by_time = False
         self.last_val: EvaluationCounts | None = None
 
@@ -312,7 +318,7 @@ class Trainer:
         self.sampler.set_epoch(epoch, start_batch)
         return DataLoader(
             self.train_set, batch_sampler=self.sampler, num_workers=self.config.workers,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=self.device.type == "cuda", worker_init_fn=ignore_stop_signals if self.config.workers else None,
             generator=torch.Generator().manual_seed(epoch_seed(self.config.seed, epoch)),
         )  # fmt: skip
 
@@ -335,11 +341,14 @@ class Trainer:
         if self.stopped_by_time:
             self.log(f"stopped at step {self.state.step} after the time limit of {self.config.max_minutes:g} "
                      f"minute(s); continue with --resume")
+        elif self.stopped_by is not None:
+            self.log(f"stopped at step {self.state.step} by {self.stopped_by}, with a checkpoint; continue with --resume")
         return TrainResult(
             step=self.state.step, epoch=self.state.epoch, skipped_steps=self.state.skipped_steps,
             best_val_accuracy=self.state.best_val_accuracy if self.state.best_step >= 0 else None,
             last_val_accuracy=self.last_val.accuracy if self.last_val else None,
             last_train_loss=self.monitor.last_train_loss, run_dir=self.run_dir, batch_in_epoch=self.state.batch_in_epoch,
+            stopped_by=self.stopped_by,
         )  # fmt: skip
 
     def _fit(self) -> None:
@@ -356,7 +365,7 @@ class Trainer:
                            dynamic_ncols=True, leave=False)  # fmt: skip
             for images, labels in loader:
                 self._run_batch(images, labels, bar)
-                if self.state.step >= self.total_steps or self._out_of_time():
+                if self.state.step >= self.total_steps or self._should_stop():
                     break
             if bar is not None:
                 bar.close()
@@ -367,20 +376,25 @@ class Trainer:
                 self.state.batch_in_epoch = 0
                 self.save_checkpoint()
             self.monitor.flush()
-            if self.stopped_by_time:
+            if self.stopped_by is not None:
                 break
         if self.val_set is not None and config.val_every and self.state.validated_step != self.state.step:
             self.validate()  # the run stopped mid-epoch (--max-steps)
         self.save_checkpoint()
 
-    def _out_of_time(self) -> bool:
-        """True (on every process alike) once ``--max-minutes`` have passed since :meth:`fit` began."""
-        if self.config.max_minutes is None:
+    def _should_stop(self) -> bool:
+        """True (on every process alike) once ``--max-minutes`` have passed since :meth:`fit` began, or
+        once a stop was requested (:attr:`stop_requested`) on any process."""
+        if self.config.max_minutes is None and self.stop_requested is None:
             return False
-        elapsed = time.monotonic() - self._started
-        self.stopped_by_time = all_agree(elapsed >= self.config.max_minutes * SECONDS_PER_MINUTE, self.context,
-                                         any_process=True)
-        return self.stopped_by_time
+        out_of_time = self.config.max_minutes is not None and \
+            time.monotonic() - self._started >= self.config.max_minutes * SECONDS_PER_MINUTE
+        request = self.stop_requested() if self.stop_requested is not None else None
+        if not all_agree(out_of_time or request is not None, self.context, any_process=True):
+            return False
+        self.stopped_by_time = out_of_time
+        self.stopped_by = "time" if out_of_time else (request or "a stop request of another process")
+        return True
 
     def _run_batch(self, images: Tensor, labels: Tensor, bar: Any) -> None:
         """Train on one batch; then report, validate and checkpoint as due, and call the hook."""
