@@ -123,3 +123,29 @@ def test_matcaps_train_under_torchrun_matches_a_single_process(tmp_path):
     for name, value in single["model"].items():
         torch.testing.assert_close(parallel["model"][name], value, rtol=1e-6, atol=1e-6, msg=name)
     assert __import__("json").loads((tmp_path / "ddp" / "run.json").read_text())["world_size"] == 2
+
+
+def _stopping_worker(rank: int, world_size: int, port: int, run_dir: str) -> None:
+    """Rank 1 alone is asked to stop after step 3 (a signal that reached one process)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    context = setup_distributed("cpu")
+    steps = []
+    try:
+        config = tiny_config(**CONFIG_CHANGES)
+        result = train_run(config, tiny_model_config(config), TinyImages(40), TinyImages(16, seed=1, augment=False),
+                           run_dir, context=context, step_hook=lambda trainer: steps.append(trainer.state.step),
+                           stop_requested=lambda: "SIGTERM" if rank == 1 and steps and steps[-1] >= 3 else None)  # fmt: skip
+        torch.save({"step": result.step, "stopped_by": result.stopped_by}, f"{run_dir}.rank{rank}")
+    finally:
+        teardown_distributed(context)
+
+
+def test_a_stop_request_on_one_process_stops_every_process_at_the_same_step(tmp_path):
+    run = tmp_path / "stopped"
+    mp.spawn(_stopping_worker, args=(WORLD_SIZE, free_port(), str(run)), nprocs=WORLD_SIZE, join=True)
+    ranks = [torch.load(f"{run}.rank{rank}") for rank in range(WORLD_SIZE)]
+    assert [r["step"] for r in ranks] == [3, 3]
+    assert ranks[1]["stopped_by"] == "SIGTERM" and ranks[0]["stopped_by"] == "a stop request of another process"
+    assert load_checkpoint(run / LAST_CHECKPOINT)["state"]["step"] == 3
