@@ -29,7 +29,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from matcaps.distributed import DistributedContext, all_agree, resolve_device
-from matcaps.train.interrupt import ignore_stop_signals
 from matcaps.errors import CheckpointError, ConfigError
 from matcaps.layers import InputNorm
 from matcaps.losses import classification_loss, l2_penalty, regularised_parameters
@@ -48,6 +47,7 @@ from matcaps.train.checkpoint import (
     save_atomic,
 )
 from matcaps.train.config import TrainConfig
+from matcaps.train.interrupt import ignore_stop_signals
 from matcaps.train.ema import WeightAverage
 from matcaps.train.monitor import TrainingMonitor
 from matcaps.train.param_groups import optimizer_groups
