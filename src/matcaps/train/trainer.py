@@ -47,8 +47,8 @@ from matcaps.train.checkpoint import (
     save_atomic,
 )
 from matcaps.train.config import TrainConfig
-from matcaps.train.interrupt import ignore_stop_signals
 from matcaps.train.ema import WeightAverage
+from matcaps.train.interrupt import ignore_stop_signals
 from matcaps.train.monitor import TrainingMonitor
 from matcaps.train.param_groups import optimizer_groups
 from matcaps.train.reproducibility import seed_everything, use_deterministic_algorithms
