@@ -307,3 +307,65 @@ def test_without_ninja_the_kernel_is_not_built(monkeypatch, fresh_kernel_cache, 
         "matcaps: the blocked routing's C++ kernel could not be built (ninja not found (pip install ninja)); "
         "using the fused routing"
     ]
+
+
+# ------------------------------------------------------------------ a build lock left by a killed build
+
+
+class FakeClock:
+    """Seconds that pass only when the waiting loop sleeps."""
+
+    def __init__(self, start: float) -> None:
+        self.now = start
+        self.sleeps = 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps += 1
+        self.now += seconds
+
+
+def test_a_stale_build_lock_is_removed_with_one_warning(tmp_path, caplog):
+    lock = tmp_path / cpu_kernel.BUILD_LOCK_NAME
+    lock.touch()
+    clock = FakeClock(lock.stat().st_mtime + cpu_kernel.STALE_BUILD_LOCK_SECONDS + 60)
+    with caplog.at_level(logging.WARNING, logger="matcaps.routing"):
+        assert cpu_kernel.wait_for_build_lock(tmp_path, clock=clock, sleep=clock.sleep) is True
+    assert not lock.exists() and clock.sleeps == 0
+    assert [record.getMessage() for record in caplog.records] == [
+        f"matcaps: removed {lock}, a build lock 16 minutes old left by an interrupted build"]
+
+
+def test_a_fresh_build_lock_is_waited_for_until_it_goes_or_turns_stale(tmp_path, caplog):
+    lock = tmp_path / cpu_kernel.BUILD_LOCK_NAME
+    assert cpu_kernel.wait_for_build_lock(tmp_path) is False  # no lock: no wait
+    lock.touch()
+    clock = FakeClock(lock.stat().st_mtime)
+
+    def build_ends_after_three_polls(seconds: float) -> None:
+        clock.sleep(seconds)
+        if clock.sleeps == 3:
+            lock.unlink()
+
+    assert cpu_kernel.wait_for_build_lock(tmp_path, clock=clock, sleep=build_ends_after_three_polls) is False
+    assert clock.sleeps == 3 and not caplog.records
+    lock.touch()  # a build that never ends: waited for until the lock is stale, then removed
+    clock = FakeClock(lock.stat().st_mtime)
+    assert cpu_kernel.wait_for_build_lock(tmp_path, stale_after=10, clock=clock, sleep=clock.sleep) is True
+    assert clock.sleeps == 10 and not lock.exists()
+
+
+def test_load_kernel_clears_a_stale_lock_of_its_build_directory_before_building(monkeypatch, fresh_kernel_cache, tmp_path):
+    from torch.utils import cpp_extension
+
+    lock = tmp_path / cpu_kernel.BUILD_LOCK_NAME
+    lock.touch()
+    old = lock.stat().st_mtime - cpu_kernel.STALE_BUILD_LOCK_SECONDS - 1
+    os.utime(lock, (old, old))
+    built = []
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: built.append((kwargs["name"], lock.exists())) or "kernel")
+    assert cpu_kernel.load_kernel() == "kernel"
+    assert built == [(f"{cpu_kernel.EXTENSION_PREFIX}_{cpu_kernel.cpu_tag()}", False)]

@@ -7,6 +7,10 @@ load the cached library in well under a second.  The extension's name carries a 
 the CPU's instruction-set flags, so a cache shared by different machines never hands one
 a library built for another's instructions (the source and the flags are hashed by PyTorch).
 
+A build killed half-way (Ctrl-C, a timeout) leaves PyTorch's build lock behind, on which every later
+process would wait for ever; :func:`wait_for_build_lock` waits for another process's build for at
+most :data:`STALE_BUILD_LOCK_SECONDS`, then removes the lock as stale (one warning line).
+
 Where the kernel cannot be built (no compiler, no ninja, a failed build), one warning line
 is logged (logger ``matcaps.routing``; printed to stderr when logging is not configured),
 once per process, and :func:`load_kernel` returns None: the caller then uses the ``fused``
@@ -21,6 +25,8 @@ import logging
 import os
 import platform
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -32,6 +38,13 @@ EXTENSION_PREFIX = "matcaps_blocked_routing"
 #: from PyTorch's headers and needs it to run on several threads).
 COMPILE_FLAGS: tuple[str, ...] = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp")
 LINK_FLAGS: tuple[str, ...] = ("-fopenmp",)
+#: The file PyTorch's builder holds while it builds (``torch.utils.file_baton.FileBaton``).
+BUILD_LOCK_NAME = "lock"
+#: A build takes about a minute (several on a loaded machine); a lock older than this was left by a
+#: build that was killed, and is removed.
+STALE_BUILD_LOCK_SECONDS = 15 * 60
+#: How often a waiting process looks at the lock again, seconds.
+BUILD_LOCK_POLL_SECONDS = 1.0
 
 logger = logging.getLogger("matcaps.routing")
 
@@ -63,6 +76,36 @@ def missing_build_tool(cpp_extension: ModuleType) -> str | None:
     return None
 
 
+def wait_for_build_lock(
+    build_directory: Path,
+    stale_after: float = STALE_BUILD_LOCK_SECONDS,
+    clock: Callable[[], float] = time.time,
+    sleep: Callable[[float], None] = time.sleep,
+) -> bool:
+    """Wait while another process builds in ``build_directory``; remove its lock once it is stale.
+
+    Returns True if a stale lock (last touched ``stale_after`` seconds ago or more) was removed.
+    """
+    lock = build_directory / BUILD_LOCK_NAME
+    while True:
+        try:
+            age = clock() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        if age >= stale_after:
+            lock.unlink(missing_ok=True)
+            logger.warning("matcaps: removed %s, a build lock %.0f minutes old left by an interrupted build", lock,
+                           age / 60)  # fmt: skip
+            return True
+        sleep(BUILD_LOCK_POLL_SECONDS)
+
+
+def build_directory_of(cpp_extension: ModuleType, name: str) -> Path | None:
+    """Where PyTorch builds and caches the extension ``name`` (None if this PyTorch does not say)."""
+    locate = getattr(cpp_extension, "_get_build_directory", None)
+    return Path(locate(name, False)) if callable(locate) else None
+
+
 @functools.cache
 def load_kernel() -> ModuleType | None:
     """The compiled kernel module (``forward``, ``backward``), or None where it cannot be built.
@@ -76,8 +119,12 @@ def load_kernel() -> ModuleType | None:
         missing = missing_build_tool(cpp_extension)
         if missing:
             raise RuntimeError(missing)
+        name = f"{EXTENSION_PREFIX}_{cpu_tag()}"
+        build_directory = build_directory_of(cpp_extension, name)
+        if build_directory is not None:
+            wait_for_build_lock(build_directory)
         return cpp_extension.load(
-            name=f"{EXTENSION_PREFIX}_{cpu_tag()}",
+            name=name,
             sources=[str(SOURCE)],
             extra_cflags=list(COMPILE_FLAGS),
             extra_ldflags=list(LINK_FLAGS),
