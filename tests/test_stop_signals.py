@@ -17,7 +17,7 @@ from train_support import TinyImages, state_dicts_equal, tiny_config, tiny_model
 
 from matcaps.data import prepare
 from matcaps.train import LAST_CHECKPOINT, load_checkpoint, read_metrics, train_run
-from matcaps.train.interrupt import SIGNAL_EXIT_BASE, StopSignals, ignore_stop_signals
+from matcaps.train.interrupt import SIGNAL_EXIT_BASE, StopSignals, ignore_stop_signals, stop_signals_held
 
 
 @pytest.fixture(autouse=True)
@@ -65,6 +65,31 @@ def test_data_loader_workers_ignore_the_stop_signals():
         child()
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7
+
+
+def test_a_signal_that_reaches_a_worker_before_it_sets_the_signals_aside_is_dropped():
+    """Workers are forked with the signals held; PyTorch's worker handler would die of a SIGTERM."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    with stop_signals_held():
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child, a worker before its worker_init_fn
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # what PyTorch's handler falls back to
+            os.kill(os.getpid(), signal.SIGTERM)  # the terminal's or the batch system's, to the whole group
+            ignore_stop_signals(0)
+            os._exit(7)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask
+
+
+def test_a_signal_held_while_workers_are_forked_reaches_the_trainer_afterwards():
+    with StopSignals() as stop:
+        with stop_signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+            assert stop.requested() is None
+        time.sleep(0.01)
+        assert stop.requested() == "SIGTERM"
 
 
 def test_a_signal_stops_training_after_the_step_and_the_run_resumes_to_the_uninterrupted_weights(tmp_path):

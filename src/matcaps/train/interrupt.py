@@ -5,7 +5,10 @@ the trainer sees it after the step it interrupted, writes ``last.pt`` as at a ti
 stops, so ``--resume`` continues from that very step.  A second signal stops at once (Python's
 ``KeyboardInterrupt``), for a user who will not wait for the step.  Data-loader workers ignore
 both signals (:func:`ignore_stop_signals`): Ctrl-C reaches every process of the terminal's
-process group, and a worker dying of it would fail the main process's next fetch.
+process group, and a worker dying of it would fail the main process's next fetch.  Workers are
+forked with both signals held (:func:`stop_signals_held`), so one that arrives before a worker
+has set them aside waits, and is then ignored, instead of meeting PyTorch's worker handler,
+which dies of a SIGTERM that its parent did not send.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -65,6 +70,29 @@ class StopSignals:
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """``worker_init_fn`` of the training data loader: its workers leave the stop signals to the trainer."""
+    """``worker_init_fn`` of the training data loader: its workers leave the stop signals to the trainer.
+
+    Ignores them, then releases them if they were held (a signal held meanwhile is dropped).
+    """
     for stop_signal in STOP_SIGNALS:
         signal.signal(stop_signal, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """Hold (block) the stop signals in this thread, e.g. while data-loader workers are forked.
+
+    Forked processes inherit the held signals until :func:`ignore_stop_signals` releases them;
+    here, a signal that arrived meanwhile is delivered on exit.  Nothing is held outside the main
+    thread or where the platform cannot hold signals.
+    """
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

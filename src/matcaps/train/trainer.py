@@ -48,7 +48,7 @@ from matcaps.train.checkpoint import (
 )
 from matcaps.train.config import TrainConfig
 from matcaps.train.ema import WeightAverage
-from matcaps.train.interrupt import ignore_stop_signals
+from matcaps.train.interrupt import ignore_stop_signals, stop_signals_held
 from matcaps.train.monitor import TrainingMonitor
 from matcaps.train.param_groups import optimizer_groups
 from matcaps.train.reproducibility import seed_everything, use_deterministic_algorithms
@@ -363,7 +363,9 @@ class Trainer:
 
                 bar = tqdm(total=self.steps_per_epoch, initial=self.state.batch_in_epoch, desc=f"epoch {epoch + 1}",
                            dynamic_ncols=True, leave=False)  # fmt: skip
-            for images, labels in loader:
+            with stop_signals_held():  # its workers are forked here, and set the stop signals aside
+                batches = iter(loader)
+            for images, labels in batches:
                 self._run_batch(images, labels, bar)
                 if self.state.step >= self.total_steps or self._should_stop():
                     break
