@@ -82,12 +82,13 @@ def test_a_signal_that_reaches_a_worker_before_it_sets_the_signals_aside_is_drop
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask
 
 
-def test_a_signal_held_while_workers_are_forked_reaches_the_trainer_afterwards():
+def test_a_signal_sent_while_workers_are_forked_still_reaches_the_trainer():
+    """Held by this thread, it comes on release; taken by another thread of the process (PyTorch's
+    own threads do not hold it), at once: either way the trainer sees it, and nothing is lost."""
     with StopSignals() as stop:
         with stop_signals_held():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.01)
-            assert stop.requested() is None
         time.sleep(0.01)
         assert stop.requested() == "SIGTERM"
 

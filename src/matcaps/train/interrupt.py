@@ -84,9 +84,11 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
 def stop_signals_held() -> Iterator[None]:
     """Hold (block) the stop signals in this thread, e.g. while data-loader workers are forked.
 
-    Forked processes inherit the held signals until :func:`ignore_stop_signals` releases them;
-    here, a signal that arrived meanwhile is delivered on exit.  Nothing is held outside the main
-    thread or where the platform cannot hold signals.
+    Forked processes (one thread: this one) inherit the held signals until
+    :func:`ignore_stop_signals` releases them.  In this process a signal that arrives meanwhile is
+    delivered on exit, or at once through another thread that does not hold it (PyTorch's own
+    threads); :class:`StopSignals` only records it, so either is fine.  Nothing is held outside the
+    main thread or where the platform cannot hold signals.
     """
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
