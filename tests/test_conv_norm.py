@@ -7,10 +7,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from data_fixtures import write_tiny_mnist
+from train_support import train_resume_and_test_tiny_mnist
 
 from matcaps.cli import main
-from matcaps.data import prepare
 from matcaps.errors import ConfigError
 from matcaps.layers import FeatureNorm
 from matcaps.models import build_model
@@ -116,18 +115,8 @@ def test_a_bool_option_that_is_not_true_or_false_is_refused_in_one_line(option, 
 
 
 def test_a_run_with_normalised_convolutions_trains_tests_and_resumes(tmp_path, capsys, single_thread):
-    root = tmp_path / "data"
-    write_tiny_mnist(root, n_train=30, n_test=10)
-    prepare("mnist", root, download=False, progress=False, verify=False)
-    run = tmp_path / "run"
-    common = ["--data-root", str(root), "--no-progress", "--workers", "0"]
-    options = ["--model-option", "conv_norm=true", "--model-option", "stem_convs=1", "--model-option", "conv1_channels=8"]
-    assert main(["train", "--dataset", "mnist", *options, "--val-size", "10", "--batch-size", "5", "--max-steps", "2",
-                 "--run-dir", str(run), *common]) == 0  # fmt: skip
+    run, common = train_resume_and_test_tiny_mnist(tmp_path, ["conv_norm=true", "stem_convs=1", "conv1_channels=8"])
     assert json.loads((run / "run.json").read_text())["model_config"]["conv_norm"] is True
-    assert main(["train", "--resume", str(run), "--max-steps", "3", *common]) == 0
-    assert main(["test", str(run), "--no-progress", "--workers", "0"]) == 0
-    assert json.loads((run / "test-standard-best.json").read_text())["num_images"] == 10
     capsys.readouterr()
     assert main(["train", "--dataset", "mnist", "--model-option", "conv_norm=maybe", "--val-size", "10", *common,
                  "--run-dir", str(tmp_path / "bad")]) == 2  # fmt: skip

@@ -56,6 +56,21 @@ def norb_run(tmp_path_factory, norb_root) -> Path:
     return train(norb_root, tmp_path_factory.mktemp("runs") / "tiny")
 
 
+def recounted_confusion(run: Path, views_of) -> list[list[int]]:
+    """The test confusion matrix of ``run``'s best checkpoint, recounted image by image: each view
+    ``views_of(transform, pixels)`` (``(1, C, S, S)`` tensors) scored separately, the scores averaged here."""
+    loaded = load_for_testing(run, "best", device="cpu")
+    transform = loaded.test_set.transform
+    images = np.load(loaded.test_set.images_path)
+    confusion = np.zeros((5, 5), dtype=int)
+    with torch.no_grad():
+        for row, label in zip(loaded.test_set.rows, loaded.test_set.labels):
+            pixels = transform.pixels(images[row]).unsqueeze(0)
+            scores = torch.stack([loaded.model(view).scores[0] for view in views_of(transform, pixels)])
+            confusion[label, int(scores.mean(dim=0).argmax())] += 1
+    return confusion.tolist()
+
+
 def test_the_13_crops_are_the_centre_and_the_diagonal_moves_of_1_2_3_pixels():
     offsets = crop_offsets(13)
     assert offsets[0] == (0, 0) and len(set(offsets)) == 13
@@ -99,17 +114,8 @@ def test_one_crop_is_the_normal_test_and_13_crops_average_the_scores_of_the_13_w
     assert thirteen["crops"] == 13 and thirteen["num_images"] == normal["num_images"] == 2 * PAIRS
     assert (norb_run / "confusion-standard-best-13crops.png").is_file()
     # recount: every window scored separately, the scores averaged here
-    loaded = load_for_testing(norb_run, "best", device="cpu")
-    transform = loaded.test_set.transform
-    images = np.load(loaded.test_set.images_path)
-    confusion = np.zeros((5, 5), dtype=int)
-    with torch.no_grad():
-        for row, label in zip(loaded.test_set.rows, loaded.test_set.labels):
-            pixels = transform.pixels(images[row]).unsqueeze(0)
-            scores = torch.stack([loaded.model(transform.normalise(pixels, offset)).scores[0]
-                                  for offset in crop_offsets(13)])  # fmt: skip
-            confusion[label, int(scores.mean(dim=0).argmax())] += 1
-    assert thirteen["confusion_matrix"] == confusion.tolist()
+    windows = lambda transform, pixels: [transform.normalise(pixels, offset) for offset in crop_offsets(13)]
+    assert thirteen["confusion_matrix"] == recounted_confusion(norb_run, windows)
 
 
 @pytest.mark.parametrize("crops", [1, 13])
@@ -133,16 +139,8 @@ def test_mirrored_testing_averages_the_scores_of_each_image_and_its_mirror_image
     mirrored = json.loads((norb_run / "test-standard-best-mirrored.json").read_text())
     assert mirrored["mirrored"] is True and mirrored["crops"] == 1 and mirrored["num_images"] == 2 * PAIRS
     assert (norb_run / "confusion-standard-best-mirrored.png").is_file()
-    loaded = load_for_testing(norb_run, "best", device="cpu")
-    transform = loaded.test_set.transform
-    images = np.load(loaded.test_set.images_path)
-    confusion = np.zeros((5, 5), dtype=int)
-    with torch.no_grad():
-        for row, label in zip(loaded.test_set.rows, loaded.test_set.labels):
-            pixels = transform.pixels(images[row]).unsqueeze(0)
-            scores = loaded.model(torch.cat([transform.normalise(pixels), transform.normalise(pixels.flip(-1))])).scores
-            confusion[label, int(scores.mean(dim=0).argmax())] += 1
-    assert mirrored["confusion_matrix"] == confusion.tolist()
+    image_and_mirror = lambda transform, pixels: [transform.normalise(pixels), transform.normalise(pixels.flip(-1))]
+    assert mirrored["confusion_matrix"] == recounted_confusion(norb_run, image_and_mirror)
     assert main(["test", str(norb_run), "--no-progress", "--workers", "0"]) == 0
     plain = json.loads((norb_run / "test-standard-best.json").read_text())
     assert mirrored["loss"] != pytest.approx(plain["loss"], rel=1e-6)  # the mirror images were scored too

@@ -108,3 +108,28 @@ def damage_checkpoint(path: Path, kind: str) -> None:
         torch.save({"weights": torch.zeros(2)}, path, _use_new_zipfile_serialization=False)
     else:
         raise ValueError(f"unknown damage {kind!r}")
+
+
+def train_resume_and_test_tiny_mnist(tmp_path: Path, model_options: list[str]) -> tuple[Path, list[str]]:
+    """``matcaps train`` (2 steps) → ``--resume`` (to step 3) → ``matcaps test`` on a tiny MNIST, with
+    the given ``KEY=VALUE`` model options; asserts every command succeeds and the whole test set is
+    scored.  Returns the run directory and the data options (for further commands)."""
+    import json
+
+    from data_fixtures import write_tiny_mnist
+
+    from matcaps.cli import main
+    from matcaps.data import prepare
+
+    root = tmp_path / "data"
+    write_tiny_mnist(root, n_train=30, n_test=10)
+    prepare("mnist", root, download=False, progress=False, verify=False)
+    run = tmp_path / "run"
+    common = ["--data-root", str(root), "--no-progress", "--workers", "0"]
+    options = [item for option in model_options for item in ("--model-option", option)]
+    assert main(["train", "--dataset", "mnist", *options, "--val-size", "10", "--batch-size", "5", "--max-steps", "2",
+                 "--run-dir", str(run), *common]) == 0  # fmt: skip
+    assert main(["train", "--resume", str(run), "--max-steps", "3", *common]) == 0
+    assert main(["test", str(run), "--no-progress", "--workers", "0"]) == 0
+    assert json.loads((run / "test-standard-best.json").read_text())["num_images"] == 10
+    return run, common

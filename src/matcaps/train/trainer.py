@@ -138,7 +138,6 @@ class Trainer:
         self.stop_requested = stop_requested
         #: Why training stopped before its last step: "time" (``--max-minutes``), a signal's name, or None.
         self.stopped_by: str | None = None
-        self.stopped_by_time = False
         self.last_val: EvaluationCounts | None = None
 
     # ------------------------------------------------------------------ bookkeeping
@@ -338,7 +337,7 @@ class Trainer:
             self._fit()
         finally:
             self.monitor.close()
-        if self.stopped_by_time:
+        if self.stopped_by == "time":
             self.log(f"stopped at step {self.state.step} after the time limit of {self.config.max_minutes:g} "
                      f"minute(s); continue with --resume")
         elif self.stopped_by is not None:
@@ -394,7 +393,6 @@ class Trainer:
         request = self.stop_requested() if self.stop_requested is not None else None
         if not all_agree(out_of_time or request is not None, self.context, any_process=True):
             return False
-        self.stopped_by_time = out_of_time
         self.stopped_by = "time" if out_of_time else (request or "a stop request of another process")
         return True
 
