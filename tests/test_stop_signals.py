@@ -13,11 +13,15 @@ import time
 import pytest
 import torch
 from data_fixtures import write_tiny_mnist
-from train_support import TinyImages, state_dicts_equal, tiny_config, tiny_model_config
+from torch.utils.data import get_worker_info
+from train_support import NUM_CLASSES, TinyImages, state_dicts_equal, tiny_config, tiny_model_config
 
 from matcaps.data import prepare
 from matcaps.train import LAST_CHECKPOINT, load_checkpoint, read_metrics, train_run
-from matcaps.train.interrupt import SIGNAL_EXIT_BASE, StopSignals, ignore_stop_signals, stop_signals_held
+from matcaps.data.loader_workers import ignore_stop_signals, stop_signals_held
+from matcaps.models import build_model
+from matcaps.scoring import evaluate_model
+from matcaps.train.interrupt import SIGNAL_EXIT_BASE, StopSignals
 
 
 @pytest.fixture(autouse=True)
@@ -91,6 +95,26 @@ def test_a_signal_sent_while_workers_are_forked_still_reaches_the_trainer():
             time.sleep(0.01)
         time.sleep(0.01)
         assert stop.requested() == "SIGTERM"
+
+
+class SignalledInWorkers(TinyImages):
+    """Images whose worker receives SIGTERM and SIGINT while it loads the first one (a Ctrl-C to the group)."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if index == 0 and get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().__getitem__(index)
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_validation_workers_outlive_a_stop_signal_and_score_every_image(progress):
+    """A stop signal during validation is the trainer's to handle: the scoring loader's workers ignore it."""
+    model = build_model(tiny_model_config(tiny_config()))
+    dataset = SignalledInWorkers(12, augment=False)
+    alone = evaluate_model(model, dataset, NUM_CLASSES, batch_size=4)
+    with_a_worker = evaluate_model(model, dataset, NUM_CLASSES, batch_size=4, workers=1, progress=progress)
+    assert with_a_worker.total == 12 and torch.equal(with_a_worker.confusion, alone.confusion)
 
 
 def test_a_signal_stops_training_after_the_step_and_the_run_resumes_to_the_uninterrupted_weights(tmp_path):

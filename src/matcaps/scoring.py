@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from matcaps.data.loader_workers import iterate_with_workers_forked_quietly, quiet_worker_init
 from matcaps.losses import classification_loss
 from matcaps.distributed import DistributedContext, all_reduce_sum
 
@@ -100,17 +101,17 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     loader = DataLoader(shard(dataset, context), batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", worker_init_fn=quiet_worker_init(workers))
     dtype = next(model.parameters()).dtype
     loss_kind = getattr(model, "loss_kind", "spread")
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    batches = loader
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(loader, desc=description, leave=False, dynamic_ncols=True)
     try:
+        batches = iterate_with_workers_forked_quietly(loader)  # a stop signal during validation must not kill them
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, total=len(loader), desc=description, leave=False, dynamic_ncols=True)
         for images, labels in batches:
             images = images.to(device, dtype=dtype, non_blocking=True)
             labels = labels.to(device, non_blocking=True).long().view(-1)

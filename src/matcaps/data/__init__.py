@@ -16,7 +16,8 @@ file formats), :mod:`~matcaps.data.download` (resumable downloads),
 :mod:`~matcaps.data.raw_checks` (headers, shapes and values checked before use),
 :mod:`~matcaps.data.cache` (atomic preparation), :mod:`~matcaps.data.transforms` (IBM's augmentation),
 :mod:`~matcaps.data.datasets` (torch datasets), :mod:`~matcaps.data.splits`
-(train / validation / test and the novel-viewpoint splits).
+(train / validation / test and the novel-viewpoint splits), :mod:`~matcaps.data.loader_workers`
+(data-loader workers that leave Ctrl-C and SIGTERM to the training).
 """
 
 from matcaps.data.cache import cache_dir, is_valid_cache, prepare

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+from matcaps.data.loader_workers import iterate_with_workers_forked_quietly, quiet_worker_init
 from matcaps.distributed import DistributedContext, all_agree, resolve_device
 from matcaps.errors import CheckpointError, ConfigError
 from matcaps.layers import InputNorm
@@ -48,7 +49,6 @@ from matcaps.train.checkpoint import (
 )
 from matcaps.train.config import TrainConfig
 from matcaps.train.ema import WeightAverage
-from matcaps.train.interrupt import ignore_stop_signals, stop_signals_held
 from matcaps.train.monitor import TrainingMonitor
 from matcaps.train.param_groups import optimizer_groups
 from matcaps.train.reproducibility import seed_everything, use_deterministic_algorithms
@@ -317,7 +317,7 @@ class Trainer:
         self.sampler.set_epoch(epoch, start_batch)
         return DataLoader(
             self.train_set, batch_sampler=self.sampler, num_workers=self.config.workers,
-            pin_memory=self.device.type == "cuda", worker_init_fn=ignore_stop_signals if self.config.workers else None,
+            pin_memory=self.device.type == "cuda", worker_init_fn=quiet_worker_init(self.config.workers),
             generator=torch.Generator().manual_seed(epoch_seed(self.config.seed, epoch)),
         )  # fmt: skip
 
@@ -362,8 +362,7 @@ class Trainer:
 
                 bar = tqdm(total=self.steps_per_epoch, initial=self.state.batch_in_epoch, desc=f"epoch {epoch + 1}",
                            dynamic_ncols=True, leave=False)  # fmt: skip
-            with stop_signals_held():  # its workers are forked here, and set the stop signals aside
-                batches = iter(loader)
+            batches = iterate_with_workers_forked_quietly(loader)
             for images, labels in batches:
                 self._run_batch(images, labels, bar)
                 if self.state.step >= self.total_steps or self._should_stop():
