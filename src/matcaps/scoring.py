@@ -107,7 +107,7 @@ def evaluate_model(
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     try:
-        batches = iterate_with_workers_forked_quietly(loader)  # a stop signal during validation must not kill them
+        batches = iterate_with_workers_forked_quietly(loader)  # a Ctrl-C during validation must not kill a worker
         if progress:
             from tqdm.auto import tqdm
 
