@@ -149,3 +149,36 @@ def test_a_stop_request_on_one_process_stops_every_process_at_the_same_step(tmp_
     assert [r["step"] for r in ranks] == [3, 3]
     assert ranks[1]["stopped_by"] == "SIGTERM" and ranks[0]["stopped_by"] == "a stop request of another process"
     assert load_checkpoint(run / LAST_CHECKPOINT)["state"]["step"] == 3
+
+
+def _thread_count() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _thread_counting_worker(rank: int, world_size: int, port: int, run_dir: str) -> None:
+    """Record this process's thread count before joining the group, after training and after leaving it."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    counts = {"before": _thread_count()}
+    context = setup_distributed("cpu")
+    config = tiny_config(**dict(CONFIG_CHANGES, epochs=1))
+    train_run(config, tiny_model_config(config), TinyImages(40), TinyImages(16, seed=1, augment=False), run_dir,
+              context=context)  # fmt: skip
+    counts["trained"] = _thread_count()
+    teardown_distributed(context)
+    counts["after"] = _thread_count()
+    torch.save(counts, f"{run_dir}.threads{rank}")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_leaving_the_group_ends_its_threads_before_the_process_exits(tmp_path):
+    """A gloo thread alive while the interpreter shuts down can abort the process (SIGABRT): the
+    trainer's DDP wrapper must not keep the process group alive past :func:`teardown_distributed`."""
+    run = tmp_path / "threads"
+    mp.spawn(_thread_counting_worker, args=(WORLD_SIZE, free_port(), str(run)), nprocs=WORLD_SIZE, join=True)
+    for rank in range(WORLD_SIZE):
+        counts = torch.load(f"{run}.threads{rank}")
+        assert counts["trained"] > counts["before"], counts  # the group runs threads while it lives
+        assert counts["after"] == counts["before"], counts
+

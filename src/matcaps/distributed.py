@@ -8,6 +8,7 @@ training runs in a single process.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -73,9 +74,19 @@ def setup_distributed(device_name: str = "auto") -> DistributedContext:
 
 
 def teardown_distributed(context: DistributedContext) -> None:
-    """Leave the process group joined by :func:`setup_distributed`."""
+    """Leave the process group joined by :func:`setup_distributed`, and end its threads.
+
+    ``destroy_process_group`` only drops the registry's reference to the group.  A finished
+    :class:`~torch.nn.parallel.DistributedDataParallel` wrapper that sits in a reference cycle (a
+    trainer and its monitor refer to each other) still holds one, so the group and its gloo threads
+    would live until the garbage collector runs, possibly while the interpreter shuts down, where a
+    gloo thread that frees a tensor aborts the process ("terminate called without an active
+    exception", seen in about 1 of 40 two-process runs).  Collecting the garbage first makes
+    ``destroy_process_group`` free the group and join its threads here.
+    """
     if context.distributed and dist.is_initialized():
         dist.barrier()  # let every process finish (rank 0 writes the last checkpoint) before tearing down
+        gc.collect()
         dist.destroy_process_group()
 
 
