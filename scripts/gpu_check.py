@@ -71,9 +71,9 @@ WIDE = ["--model-option", "conv_caps1_types=32", "--model-option", "conv_caps2_t
 
 #: Trainings run side by side: (name, flags).  Fashion-MNIST with the deeper feature extractor
 #: (``stem_convs``) batch-normalised (``conv_norm``), trained with flips for 24 epochs, which gave the
-#: best CPU result (2026-11-27, one seed: 92.15 %, 92.45 % mirrored; 91.66 / 91.26 % for two seeds of
-#: the same network after 16 epochs): a third seed of it (seed 1 ran on the CPU; validating on seed
-#: 0's hold-out), 3 iterations from scratch with the second E-step softened and β_a's learning rate
+#: best CPU result (2026-11-27: 92.15 / 91.68 % for seeds 0 / 1, 92.45 / 92.10 % mirrored; 91.66 /
+#: 91.26 % for the same seeds after 16 epochs): a third seed of it (validating on seed 0's hold-out,
+#: as seed 1 did), 3 iterations from scratch with the second E-step softened and β_a's learning rate
 #: ×1000 (one epoch of it validated 1.1 points behind 2 iterations), 32 epochs, and two untried
 #: widenings on top: ConvCaps C = D = 32, 16 primary capsule types.  Each is cut by the deadline: the
 #: early validation curves compare them, and any run can be finished on the CPU with ``matcaps train
