@@ -181,4 +181,3 @@ def test_leaving_the_group_ends_its_threads_before_the_process_exits(tmp_path):
         counts = torch.load(f"{run}.threads{rank}")
         assert counts["trained"] > counts["before"], counts  # the group runs threads while it lives
         assert counts["after"] == counts["before"], counts
-

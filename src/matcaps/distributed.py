@@ -79,10 +79,11 @@ def teardown_distributed(context: DistributedContext) -> None:
     ``destroy_process_group`` only drops the registry's reference to the group.  A finished
     :class:`~torch.nn.parallel.DistributedDataParallel` wrapper that sits in a reference cycle (a
     trainer and its monitor refer to each other) still holds one, so the group and its gloo threads
-    would live until the garbage collector runs, possibly while the interpreter shuts down, where a
-    gloo thread that frees a tensor aborts the process ("terminate called without an active
-    exception", seen in about 1 of 40 two-process runs).  Collecting the garbage first makes
-    ``destroy_process_group`` free the group and join its threads here.
+    would live until the garbage collector runs, possibly while the interpreter shuts down, where
+    they can abort the process (SIGABRT after "terminate called without an active exception": seen
+    once in CI and once in about 170 local repeats of a two-process test; PyTorch pull request
+    179291 describes gloo threads crashing at interpreter shutdown).  Collecting the garbage first
+    makes ``destroy_process_group`` free the group and join its threads here.
     """
     if context.distributed and dist.is_initialized():
         dist.barrier()  # let every process finish (rank 0 writes the last checkpoint) before tearing down
