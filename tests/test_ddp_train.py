@@ -49,10 +49,15 @@ def free_port() -> int:
 CONV_NORM_OPTIONS = dict(TINY_MODEL_OPTIONS, stem_convs=1, conv_norm=True)
 
 
-def _worker(rank: int, world_size: int, port: int, run_dir: str, model_options: dict | None = None) -> None:
+def _as_torchrun_process(rank: int, world_size: int, port: int) -> None:
+    """Set what ``torchrun`` sets for process ``rank``, and run torch on one thread."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))  # what torchrun sets
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
+
+
+def _worker(rank: int, world_size: int, port: int, run_dir: str, model_options: dict | None = None) -> None:
+    _as_torchrun_process(rank, world_size, port)
     context = setup_distributed("cpu")
     try:
         config = tiny_config(**CONFIG_CHANGES, model_options=dict(model_options or TINY_MODEL_OPTIONS))
@@ -127,9 +132,7 @@ def test_matcaps_train_under_torchrun_matches_a_single_process(tmp_path):
 
 def _stopping_worker(rank: int, world_size: int, port: int, run_dir: str) -> None:
     """Rank 1 alone is asked to stop after step 3 (a signal that reached one process)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))  # fmt: skip
-    torch.set_num_threads(1)
+    _as_torchrun_process(rank, world_size, port)
     context = setup_distributed("cpu")
     steps = []
     try:
@@ -157,9 +160,7 @@ def _thread_count() -> int:
 
 def _thread_counting_worker(rank: int, world_size: int, port: int, run_dir: str) -> None:
     """Record this process's thread count before joining the group, after training and after leaving it."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))  # fmt: skip
-    torch.set_num_threads(1)
+    _as_torchrun_process(rank, world_size, port)
     counts = {"before": _thread_count()}
     context = setup_distributed("cpu")
     config = tiny_config(**dict(CONFIG_CHANGES, epochs=1))
