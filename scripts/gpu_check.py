@@ -75,10 +75,10 @@ WIDE = ["--model-option", "conv_caps1_types=32", "--model-option", "conv_caps2_t
 #: 91.26 % for the same seeds after 16 epochs): a third seed of it (validating on seed 0's hold-out,
 #: as seed 1 did), a second seed of 3 iterations from scratch with the second E-step softened and
 #: β_a's learning rate ×1000 (seed 0 on the CPU: 91.85 %, between the 2-iteration seeds), 32 epochs,
-#: and two untried widenings on top: ConvCaps C = D = 32, 16 primary capsule types.  Each is cut by the deadline: the
-#: early validation curves compare them, and any run can be finished on the CPU with ``matcaps train
-#: --resume``.  Fashion-MNIST's raw files (30 MB) fit beside the repository in the device tool's
-#: 64 MiB only without MNIST's: carry ``gpu-data/fashion-mnist`` alone.
+#: and two untried widenings on top: ConvCaps C = D = 32, 16 primary capsule types.  Each is cut by
+#: the deadline: the early validation curves compare them, and any run can be finished on the CPU
+#: with ``matcaps train --resume``.  Fashion-MNIST's raw files (30 MB) fit beside the repository in
+#: the device tool's 64 MiB only without MNIST's: carry ``gpu-data/fashion-mnist`` alone.
 SEED1 = ["--seed", "1", "--holdout-seed", "0"]
 SEED2 = ["--seed", "2", "--holdout-seed", "0"]
 EPOCHS_24 = ["--epochs", "24", "--lr-drop-steps", "13744", "18039"]  # ×0.1 after epochs 16 and 21
