@@ -23,7 +23,16 @@ file; their results are in ``docs/runs/h200-2026-11-26`` and ``docs/runs/h200-20
 
 Usage (on the GPU machine, from the repository root)::
 
-    python3 scripts/gpu_check.py OUT --raw gpu-data --budget 550   # device tool: carry gpu-data
+    python3 scripts/gpu_check.py OUT --raw gpu-data --budget 555 --reserve 70   # device tool: carry gpu-data
+
+The device tool sends the working tree and the carried paths, 64 MiB in all.  The published runs
+(``docs/runs``, 57 MB) leave no room for the data, so send a tree without them, from a throw-away
+branch, and come back after the call::
+
+    for d in mnist fashion-mnist; do mkdir -p gpu-data/$d/raw && cp DATASETS/$d/*.gz gpu-data/$d/raw/; done
+    git checkout -b device-tmp && git rm -r -q docs/runs && git commit -qm "tmp: no docs/runs"
+    # ... the device call ...
+    git checkout main && git branch -D device-tmp
 
 ``--dry-run`` runs the same flow on CPU with tiny limits (to check the script itself).
 """
