@@ -288,12 +288,11 @@ def main() -> int:
     deadline = args.budget - args.reserve
     common = ["--data-root", str(data_root), "--device", device, "--routing-impl", "fused", "--no-progress",
               "--workers", "1", "--log-every", "100", "--histogram-every", "100000", "--checkpoint-every", "500"]
-    trainings = TRAININGS
     if args.dry_run:
         common += ["--val-size", "256", "--max-steps", "6", "--val-every-steps", "3"]
     jobs: dict[str, Job] = {}
     minutes = max((deadline - clock.now()) / 60.0, 0.1)
-    for name, flags in trainings:
+    for name, flags in TRAININGS:
         command = matcaps("train", "--run-dir", str(runs_root / name), *flags, *common, "--max-minutes", f"{minutes:.3f}")
         jobs[name] = Job(name, command, logs / f"train-{name}.txt").start(env)
     for name in CONTINUATIONS:
