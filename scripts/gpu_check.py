@@ -92,9 +92,8 @@ I3_SOFT_FAST_BETA_A = ["--iters", "3", "--model-option", "routing.e_step_scales=
 #: CPU: 3 iterations level with 2 over the seeds), Fashion-MNIST for 32 epochs and MNIST for 36.  The
 #: next loan continues those left unfinished and adds a fourth seed of each iteration count, so that
 #: 3 iterations are compared with 2 beyond the seeds' spread (0.24 point, the standard deviation of
-#: three 2-iteration seeds).  The data
-#: for both datasets (41 MB of raw files) fits the device tool's 64 MiB only beside a working tree
-#: without the published runs (docs/runs, 57 MB): see the usage above.
+#: three 2-iteration seeds).  The data for both datasets (41 MB of raw files) fits the device tool's
+#: 64 MiB only beside a working tree without the published runs (docs/runs, 57 MB): see the usage.
 TRAININGS: list[tuple[str, list[str]]] = [
     ("fashion-i2-stem2-bn-hflip-24-seed3", [*FASHION_HFLIP, *FASHION_24, *SEED3]),
     ("fashion-i3-stem2-bn-hflip-24-tau0.2-ba1000-seed3",
