@@ -11,23 +11,47 @@ import pytest
 import torch
 
 from matcaps.allocator import apply_allocator, glibc_version
-from matcaps.bench.config import BenchConfig, parse_model_option
+from matcaps.bench.config import BenchConfig
 from matcaps.bench.memory import PeakMemoryProbe
 from matcaps.bench.report import format_report
 from matcaps.bench.runner import losses_agree, ratios_to_baseline
 from matcaps.bench.timing import RoutedLayerTimer, TimingStats, routing_share
 from matcaps.bench.workload import make_workload
 from matcaps.errors import ConfigError
+from matcaps.models.options import parse_model_options
 
 TINY = {"conv1_channels": 8, "primary_types": 2, "conv_caps1_types": 3, "conv_caps2_types": 3, "image_size": 16}
 
 
-def test_model_options_are_typed_like_the_config_fields():
-    assert parse_model_option("conv1_channels=32") == ("conv1_channels", 32)
-    assert parse_model_option("coordinate_addition = false") == ("coordinate_addition", False)
-    for bad in ("conv1_channels", "routing=3", "input_norm=maybe"):
-        with pytest.raises(ConfigError, match="--set"):
-            parse_model_option(bad)
+def bench_with(*settings: str, iterations: int = 2) -> BenchConfig:
+    """The BenchConfig of ``matcaps bench --model mnist --iters ITERATIONS --set SETTING ...``."""
+    return BenchConfig(model="mnist", model_options=parse_model_options(settings, flag="--set"), iterations=iterations)
+
+
+def test_set_takes_the_model_options_of_train():
+    assert bench_with("conv1_channels=32", "coordinate_addition = false").model_options == {
+        "conv1_channels": 32, "coordinate_addition": False}  # fmt: skip
+    model = bench_with("routing.e_step_scales=[1,0.2]", "layer_routing.class_caps.final_inverse_temperature=0.005",
+                       iterations=3).model_config("fused")
+    assert model.routing.e_step_scales == (1, 0.2) and model.routing.iterations == 3
+    assert model.routing_of("class_caps").final_inverse_temperature == 0.005
+    assert model.routing_of("conv_caps1").final_inverse_temperature == model.routing.final_inverse_temperature
+    bad = {
+        "conv1_channels": "expects KEY=VALUE",
+        "routing=3": "routing must be a table",
+        "input_norm=maybe": "input_norm must be true or false",
+        "routing.iterations=3": "routing.iterations: the bench sets it with --iters",
+        "routing.implementation=naive": "--routing-impl",
+        "routing.e_step_scales=[1,0.2]": "e_step_scales gives 2 scale(s), but 2 routing iteration(s) run 1",
+        "routing.not_a_field=1": "not_a_field",
+        "layer_routing.pool.iterations=2": "unknown layer(s) pool",
+    }
+    for setting, message in bad.items():
+        with pytest.raises(ConfigError, match="--set") as raised:
+            bench_with(setting)
+        assert message in str(raised.value) and "\n" not in str(raised.value), setting
+    with pytest.raises(ConfigError, match="given a value and sub-options"):
+        parse_model_options(["routing=3", "routing.iterations=2"], flag="--set")
 
 
 def test_bench_config_round_trips_and_applies_iterations_and_implementation():

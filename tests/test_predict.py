@@ -105,7 +105,7 @@ def test_table_lists_the_best_classes_of_each_image(tiny_mnist_run, test_images,
     paths, _ = test_images
     assert main(["predict", str(run), str(paths[0]), str(paths[1]), "--top-k", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert "activations" in lines[0] and lines[1].split() == ["image", "1st", "2nd"]
+    assert lines[0].endswith("; scores: class-capsule activations") and lines[1].split() == ["image", "1st", "2nd"]
     assert [line.split()[0] for line in lines[2:]] == [str(paths[0]), str(paths[1])]
     assert all(len(line.split()) == 5 for line in lines[2:])  # image, then class and score twice
 
@@ -122,6 +122,26 @@ def test_cnn_baseline_scores_are_probabilities(tiny_mnist_run, test_images, tmp_
     assert result["score"] == "probability"
     for entry in result["images"]:
         assert sum(entry["scores"].values()) == pytest.approx(1.0, abs=1e-6)
+    assert main(["predict", str(tmp_path / "cnn.pt"), str(paths[0])]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith("; scores: softmax probabilities")
+
+
+def test_output_into_a_closed_pipe_ends_quietly(test_images, tmp_path):
+    """``matcaps predict ... | head``: the reader goes away; no traceback, the exit code of SIGPIPE."""
+    import subprocess
+    import sys
+
+    from matcaps.cli import BROKEN_PIPE_EXIT_CODE
+
+    paths, _ = test_images
+    command = [sys.executable, "-m", "matcaps", "predict", "mnist", *[str(paths[0])] * 300, "--format", "json",
+               "--top-k", "10"]  # about 200 KB of JSON: more than a pipe holds
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    assert process.stdout.read(1) == b"{"
+    process.stdout.close()  # as head does once it has its lines
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == BROKEN_PIPE_EXIT_CODE
+    assert stderr == ""
 
 
 @pytest.mark.parametrize("damage", ["truncated", "not-an-image", "missing", "empty"])

@@ -92,7 +92,11 @@ def test_predict_and_show_take_a_pretrained_name(tmp_path, capsys):
     picture[4:24, 13:16] = 255  # a vertical stroke
     Image.fromarray(picture).save(image)
     assert main(["predict", "mnist", str(image), "--top-k", "1"]) == 0
-    row = capsys.readouterr().out.strip().splitlines()[-1].split()
+    heading, *_, last = capsys.readouterr().out.strip().splitlines()
+    entry = pretrained_weights("mnist")
+    assert heading == (f"pretrained mnist (mnist, {100 * entry.test_accuracy:.2f} % on the {entry.test_images:,} "
+                       "test images); scores: class-capsule activations")  # one short line: the notes stay in the registry
+    row = last.split()
     assert main(["show", "mnist", str(image), "--output-dir", str(tmp_path)]) == 0
     shown = capsys.readouterr().out.strip().splitlines()[0]
     assert shown.startswith(f"{image}: {row[1]} ({row[2]})")  # the same class and activation

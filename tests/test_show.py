@@ -97,10 +97,20 @@ def test_show_errors_are_one_line(tiny_mnist_run, image, tmp_path, capsys):
         (["show", str(tmp_path / "cnn.pt"), str(image)], "capsule networks"),
         (["show", str(checkpoint_copy), str(image), "--tensorboard"], "--tensorboard LOGDIR"),
         (["show", str(run), str(tmp_path / "none.png")], "none.png"),
-        (["show", str(run), str(image), "--output-dir", str(tmp_path / "absent")], "--output-dir"),
+        (["show", str(run), str(image), "--output-dir", str(checkpoint_copy)], "--output-dir"),
+        (["show", str(run), str(image), str(tmp_path / "digit 3.png"), "--output-dir", str(tmp_path / "new")],
+         "would both be drawn to routing-digit_3.png"),
     ]
     for command, expected in cases:
         assert main(command) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], lines
-    assert not list(tmp_path.glob("routing-*.png"))
+    assert not list(tmp_path.glob("routing-*.png")) and not (tmp_path / "new").exists()
+
+
+def test_show_creates_the_output_folder(tiny_mnist_run, image, tmp_path, capsys):
+    run, _ = tiny_mnist_run
+    folder = tmp_path / "figures" / "routing"
+    assert main(["show", str(run), str(image), "--output-dir", str(folder)]) == 0
+    assert (folder / "routing-digit_3.png").is_file()
+    assert str(folder / "routing-digit_3.png") in capsys.readouterr().out

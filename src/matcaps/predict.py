@@ -85,7 +85,7 @@ def format_predictions(network: TrainedNetwork, predictions: Sequence[ImagePredi
     cells = [[p.image, *(f"{names[c]} {s:.4f}" for c, s in p.top)] for p in predictions]
     header = ["image", *(_ordinal(i + 1) for i in range(k))]
     widths = [max(len(row[i]) for row in [header, *cells]) for i in range(len(header))]
-    lines = [f"{network.describe()}; scores: {network.score_name}s", "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+    lines = [f"{network.describe()}; scores: {network.scores_label}", "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     return "\n".join(lines)
 

@@ -68,8 +68,13 @@ class TrainedNetwork:
 
     @property
     def score_name(self) -> str:
-        """What its scores are: class-capsule activations, or softmax probabilities of the CNN baseline."""
+        """What one score is: a class-capsule ``activation``, or a softmax ``probability`` of the CNN baseline."""
         return "activation" if self.is_capsule_network else "probability"
+
+    @property
+    def scores_label(self) -> str:
+        """What its scores are, in words for a table's heading."""
+        return "class-capsule activations" if self.is_capsule_network else "softmax probabilities"
 
     def describe(self) -> str:
         """One line naming the network, its data and its training progress."""

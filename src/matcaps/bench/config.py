@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from matcaps.errors import ConfigError
 from matcaps.models import PRESETS, CapsNetConfig, preset
+from matcaps.models.options import apply_model_options
 from matcaps.routing import MAX_ITERATIONS, ROUTING_IMPLEMENTATIONS
 
 #: Routing iterations the bench accepts (``--iters``): Hinton et al. use 3, Gritzman 2.
@@ -37,6 +39,8 @@ DEFAULT_WARMUP = 2
 DEFAULT_PROFILE_ROWS = 20
 #: Seed of the random weights, images and labels (the same for every implementation).
 DEFAULT_SEED = 0
+#: Routing fields the bench sets from its own flags, so ``--set`` may not.
+BENCH_ROUTING_FLAGS: dict[str, str] = {"iterations": "--iters", "implementation": "--routing-impl"}
 #: ``--batch-size`` value asking for the largest training batch that fits (CUDA only; see :mod:`matcaps.bench.fit`).
 LARGEST_BATCH = "max"
 
@@ -47,8 +51,10 @@ class BenchConfig:
 
     Attributes:
         model: Name of a model preset (``smallnorb``, ``hinton-large``, ``mnist``).
-        model_options: Changes to the preset's top-level :class:`CapsNetConfig` fields
-            (``--set KEY=VALUE``), e.g. a smaller network for quick checks.
+        model_options: Changes to the preset's :class:`CapsNetConfig` fields (``--set KEY=VALUE``,
+            the syntax of ``matcaps train --model-option``: ``routing`` and ``layer_routing`` are
+            nested tables), e.g. a smaller network for quick checks.  The routing's iterations
+            and implementation come from ``iterations`` and ``implementations``.
         batch_size: Images per step ``N``, or :data:`LARGEST_BATCH` (``"max"``): for each
             implementation the largest training batch that fits in the GPU's memory, found by
             :func:`matcaps.bench.fit.find_largest_batch` (CUDA only).
@@ -134,13 +140,13 @@ class BenchConfig:
 
     def model_config(self, implementation: str | None = None) -> CapsNetConfig:
         """The network to measure, with the bench's routing iterations and ``implementation``."""
-        routing = {"iterations": self.iterations}
-        if implementation is not None:
-            routing["implementation"] = implementation
+        routing = self.model_options.get("routing")
+        for name, flag in BENCH_ROUTING_FLAGS.items():
+            if isinstance(routing, Mapping) and name in routing:
+                raise ConfigError(f"--set routing.{name}: the bench sets it with {flag}")
         try:
-            return preset(self.model, **self.model_options, routing=routing)
-        except TypeError as error:  # an unknown field name
-            raise ConfigError(f"--set: {error}") from None
+            return apply_model_options(preset(self.model), self.model_options, iterations=self.iterations,
+                                       implementation=implementation)
         except ConfigError as error:
             raise ConfigError(f"--set: {error}") from None
 
@@ -154,31 +160,6 @@ class BenchConfig:
     def from_dict(cls, values: dict[str, Any]) -> "BenchConfig":
         """Inverse of :meth:`to_dict`."""
         return cls(**values)
-
-
-def parse_model_option(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` of ``--set`` → ``(key, value)`` typed like the :class:`CapsNetConfig` field.
-
-    Integers and booleans (``true``/``false``/``1``/``0``) are accepted for the integer and
-    boolean fields; ``routing`` cannot be set this way (use ``--iters`` and ``--routing-impl``).
-    """
-    key, separator, raw = text.partition("=")
-    key, raw = key.strip(), raw.strip()
-    fields = {f.name: f for f in dataclasses.fields(CapsNetConfig) if f.name != "routing"}
-    if not separator or not key:
-        raise ConfigError(f"--set: expected KEY=VALUE, got {text!r}")
-    if key not in fields:
-        raise ConfigError(f"--set: unknown model option {key!r}; choose from {', '.join(fields)}")
-    kind = fields[key].type
-    if kind == "bool":
-        lowered = raw.lower()
-        if lowered not in ("true", "false", "1", "0", "yes", "no"):
-            raise ConfigError(f"--set {key}: expected true or false, got {raw!r}")
-        return key, lowered in ("true", "1", "yes")
-    try:
-        return key, int(raw)
-    except ValueError:
-        raise ConfigError(f"--set {key}: expected an integer, got {raw!r}") from None
 
 
 def _check_positive(option: str, value: object) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -23,6 +24,9 @@ COMMAND_MODULES: tuple[str, ...] = ("data", "train", "test", "predict", "show", 
 
 #: Exit code for errors caused by the user's input (argparse uses the same).
 USAGE_ERROR_EXIT_CODE = 2
+#: Exit code when the reader of our output went away (``matcaps predict ... | head``): 128 + SIGPIPE (13),
+#: what a shell reports for a program that the signal ended.
+BROKEN_PIPE_EXIT_CODE = 141
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -64,13 +68,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parse_arguments(parser, argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe is found here, not at exit, where it could not be handled
+        return code
+    except BrokenPipeError:
+        silence_stdout()
+        return BROKEN_PIPE_EXIT_CODE
     except MatcapsError as error:
         print(f"matcaps {args.command}: error: {error}", file=sys.stderr)
         return USAGE_ERROR_EXIT_CODE
     except KeyboardInterrupt:
         print(f"matcaps {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def silence_stdout() -> None:
+    """Point standard output at the null device, so that Python's final flush into a closed pipe is silent.
+
+    The recipe of Python's documentation for ``SIGPIPE`` (``signal`` module, "Note on SIGPIPE").
+    """
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (a captured stream): nothing is flushed at exit
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, descriptor)
+    os.close(null)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,10 +18,10 @@ from matcaps.bench.config import (
     ITERATION_CHOICES,
     BenchConfig,
     parse_batch_size,
-    parse_model_option,
 )
 from matcaps.errors import ConfigError
 from matcaps.models import PRESETS
+from matcaps.models.options import parse_model_options
 from matcaps.routing import ROUTING_IMPLEMENTATIONS
 
 DESCRIPTION = (
@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model preset (default: smallnorb)")
     parser.add_argument(
         "--set", dest="model_options", action="append", default=[], metavar="KEY=VALUE",
-        help="change a field of the preset, e.g. --set conv1_channels=32 (repeatable)",
+        help="change a field of the preset as train --model-option does, e.g. --set conv1_channels=32 "
+             "or --set 'routing.e_step_scales=[1,0.2]' (repeatable)",
     )  # fmt: skip
     parser.add_argument(
         "--batch-size", default="32", metavar="N|max",
@@ -101,7 +102,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """Build and validate the :class:`BenchConfig` of the parsed options."""
     return BenchConfig(
         model=args.model,
-        model_options=dict(parse_model_option(text) for text in args.model_options),
+        model_options=parse_model_options(args.model_options, flag="--set"),
         batch_size=parse_batch_size(args.batch_size),
         iterations=args.iters,
         device=args.device,

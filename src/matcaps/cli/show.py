@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
                         help="which checkpoint of a run directory (default: best)")
     parser.add_argument("--output-dir", type=Path, default=Path("."),
-                        help="where routing-IMAGE.png goes (default: the current directory)")
+                        help="where routing-IMAGE.png goes, created if absent (default: the current directory)")
     parser.add_argument("--tensorboard", nargs="?", const="", metavar="LOGDIR",
                         help="also log the figures to TensorBoard, under show/IMAGE at the checkpoint's step: into "
                              "LOGDIR, or without it into the run's own events (RUN/tensorboard)")
@@ -45,17 +45,36 @@ def tensorboard_dir(option: str, checkpoint: Path) -> Path:
     return checkpoint.parent / TENSORBOARD_DIR
 
 
+def check_picture_names(images: list[Path]) -> None:
+    """One line naming two images that would be drawn to the same ``routing-IMAGE.png`` (and TensorBoard tag)."""
+    from matcaps.errors import ConfigError
+    from matcaps.show import routing_picture_name
+
+    drawn_to: dict[str, Path] = {}
+    for image in images:
+        name = routing_picture_name(image)
+        if name in drawn_to:
+            raise ConfigError(f"{drawn_to[name]} and {image} would both be drawn to {name}; "
+                              "draw them in separate calls with different --output-dir")
+        drawn_to[name] = image
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Draw and save one figure per image; returns 0."""
     from matcaps.errors import ConfigError
     from matcaps.show import draw_routing, panel_count, routing_picture_name, save_figure, trace_image
     from matcaps.trained import load_trained
 
+    check_picture_names(args.images)
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise ConfigError(f"--output-dir {args.output_dir} is not a directory")
     network = load_trained(args.target, which=args.checkpoint)
     logdir = tensorboard_dir(args.tensorboard, network.checkpoint) if args.tensorboard is not None else None
-    if not args.output_dir.is_dir():
-        raise ConfigError(f"--output-dir {args.output_dir} is not a directory")
     traces = [trace_image(network, image) for image in args.images]  # every image read before anything is written
+    try:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"--output-dir {args.output_dir}: cannot create it: {error.strerror or error}") from None
     writer = None
     if logdir is not None:
         from torch.utils.tensorboard import SummaryWriter

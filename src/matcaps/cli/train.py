@@ -14,9 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from matcaps.errors import ConfigError
+from matcaps.models.options import parse_model_options, split_assignment
 from matcaps.train.config import FIELDS, TrainConfig, build_config, default_model_name, load_config_file
 from matcaps.train.param_groups import LR_GROUPS, check_lr_scales
 
@@ -122,10 +121,7 @@ def parse_lr_scales(items: list[str]) -> dict[str, float]:
     """``["transforms=10", "beta_a=1e3"]`` → ``{"transforms": 10.0, "beta_a": 1000.0}``; one-line errors."""
     scales: dict[str, float] = {}
     for item in items:
-        group, sep, text = item.partition("=")
-        group = group.strip()
-        if not sep or not group:
-            raise ConfigError(f"--lr-scale expects GROUP=FACTOR, got {item!r}")
+        group, text = split_assignment(item, "--lr-scale", "GROUP=FACTOR")
         try:
             scales[group] = float(text)
         except ValueError:
@@ -135,35 +131,6 @@ def parse_lr_scales(items: list[str]) -> dict[str, float]:
     except ConfigError as error:
         raise ConfigError(str(error).replace("option lr_scales", "--lr-scale")) from None
     return scales
-
-
-def parse_model_options(items: list[str]) -> dict[str, Any]:
-    """``["a=1", "routing.epsilon=1e-9"]`` → ``{"a": 1, "routing": {"epsilon": 1e-9}}`` (values parsed as YAML scalars)."""
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--model-option expects KEY=VALUE, got {item!r}")
-        value = _parse_option_value(text, key)
-        target = options
-        *parents, leaf = key.strip().split(".")
-        for parent in parents:
-            target = target.setdefault(parent, {})
-        target[leaf] = value
-    return options
-
-
-def _parse_option_value(text: str, key: str) -> Any:
-    """A number if ``text`` is one (``1e-4`` included, which YAML 1.1 reads as a string), else a YAML scalar."""
-    for number in (int, float):
-        try:
-            return number(text)
-        except ValueError:
-            pass
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise ConfigError(f"--model-option {key}: cannot parse value {text!r}") from None
 
 
 def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:

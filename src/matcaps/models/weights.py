@@ -71,9 +71,12 @@ class PretrainedWeights:
         return PRETRAINED_DIR / self.file
 
     def describe(self) -> str:
-        """One line: name, dataset, test accuracy and notes."""
+        """One short line (a figure's title, a table's heading): name, dataset and test accuracy.
+
+        ``source``, ``trained`` and ``notes`` are paragraphs; they stay in the registry.
+        """
         return (f"pretrained {self.name} ({self.dataset}, {100 * self.test_accuracy:.2f} % on the "
-                f"{self.test_images:,} test images; {self.notes})")
+                f"{self.test_images:,} test images)")
 
 
 def _registry() -> dict[str, PretrainedWeights]:

@@ -31,8 +31,9 @@ from matcaps.allocator import ALLOCATOR_REGIMES
 from matcaps.data.folders import BAD_IMAGE_POLICIES, FolderOptions
 from matcaps.errors import ConfigError
 from matcaps.losses import MarginSchedule
-from matcaps.models import CNN_BASELINE, MODEL_NAMES, CapsNetConfig, CNNBaselineConfig, ModelConfig, preset
-from matcaps.routing import MAX_ITERATIONS, ROUTING_IMPLEMENTATIONS, EMRoutingConfig
+from matcaps.models import CNN_BASELINE, MODEL_NAMES, CNNBaselineConfig, ModelConfig, preset
+from matcaps.models.options import apply_model_options
+from matcaps.routing import MAX_ITERATIONS, ROUTING_IMPLEMENTATIONS
 from matcaps.train.param_groups import check_lr_scales
 
 if TYPE_CHECKING:
@@ -360,45 +361,13 @@ def resolve_model_config(config: TrainConfig, num_classes: int, image_size: int,
     if config.model == CNN_BASELINE:
         return _resolve_cnn_config(config, num_classes, image_size, channels)
     base = preset(config.model or default_model_name(config.dataset))
-    merged = base.replace(num_classes=num_classes, image_size=image_size, in_channels=channels).to_dict()
-    options = dict(config.model_options)
-    routing_options = options.pop("routing", {})
-    if not isinstance(routing_options, Mapping):
-        raise ConfigError(f"model option routing must be a table, got {routing_options!r}")
-    merged.update(options)
-    merged["routing"].update(routing_options)
-    if config.iters is not None:
-        merged["routing"]["iterations"] = config.iters
-    if config.routing_impl is not None:
-        merged["routing"]["implementation"] = config.routing_impl
-    try:
-        model_config = CapsNetConfig.from_dict(merged)
-    except TypeError as error:
-        raise ConfigError(f"invalid model options: {error}") from None
-    if model_config.num_classes != num_classes:
+    if "num_classes" in config.model_options and config.model_options["num_classes"] != num_classes:
         raise ConfigError(
-            f"model option num_classes={model_config.num_classes} does not match the {num_classes} "
+            f"model option num_classes={config.model_options['num_classes']} does not match the {num_classes} "
             f"classes of dataset {config.dataset}"
         )
-    _check_routing(model_config.routing, "routing")
-    for layer in model_config.layer_routing:
-        _check_routing(model_config.routing_of(layer), f"layer_routing.{layer}")
-    return model_config
-
-
-def _check_routing(routing: EMRoutingConfig, option: str) -> None:
-    """Iterations within the supported range, and no more E-step scales than E-steps run."""
-    if not 1 <= routing.iterations <= MAX_ROUTING_ITERATIONS:
-        where = "" if option == "routing" else f" ({option})"
-        raise ConfigError(
-            f"routing iterations must be between 1 and {MAX_ROUTING_ITERATIONS}, got {routing.iterations}{where}"
-        )
-    e_steps = routing.iterations - 1
-    if len(routing.e_step_scales) > e_steps:
-        raise ConfigError(
-            f"model option {option}.e_step_scales gives {len(routing.e_step_scales)} scale(s), but "
-            f"{routing.iterations} routing iteration(s) run {e_steps} E-step(s)"
-        )
+    base = base.replace(num_classes=num_classes, image_size=image_size, in_channels=channels)
+    return apply_model_options(base, config.model_options, iterations=config.iters, implementation=config.routing_impl)
 
 
 def _resolve_cnn_config(config: TrainConfig, num_classes: int, image_size: int, channels: int) -> CNNBaselineConfig:
