@@ -190,6 +190,18 @@ def test_errors_name_the_flag_typed_or_the_file(arguments, message, trained_run,
     assert line.startswith("matcaps train: error: " + message.format(**paths))
 
 
+def test_a_bad_model_option_in_a_file_names_the_file(config_file, tmp_path, capsys):
+    from matcaps.train.config import to_toml
+
+    values = load_config_file(config_file)
+    values["model_options"] = {**values["model_options"], "conv1_chanels": 8}
+    typo = tmp_path / "typo.toml"
+    typo.write_text(to_toml(values))
+    assert main(["train", "--config", str(typo), "--run-dir", str(tmp_path / "run")]) == 2
+    assert error_lines(capsys) == [f"matcaps train: error: configuration file {typo}: unknown model option(s): conv1_chanels"]
+    assert not (tmp_path / "run").exists()
+
+
 def test_test_command_blames_one_option_at_a_time_and_knows_run_directories(tmp_path, trained_run, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["test", str(trained_run), "--batch-size", "0", "--workers", "-1"]) == 2
@@ -202,6 +214,34 @@ def test_test_command_blames_one_option_at_a_time_and_knows_run_directories(tmp_
         f"matcaps test: error: {tmp_path / 'empty'} is not a run directory (no config.toml)",
         f"matcaps train: error: {tmp_path / 'empty'} is not a run directory (no config.toml)",
     ]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_and_leftover_files_are_named_not_reused(trained_run, tmp_path,
+                                                                                          capsys):
+    stopped = tmp_path / "stopped"  # what a run killed before its first checkpoint leaves
+    stopped.mkdir()
+    shutil.copy(trained_run / "config.toml", stopped)
+    shutil.copy(trained_run / "metrics.jsonl", stopped)
+    leftovers = tmp_path / "leftovers"  # a run directory's files without its configuration
+    leftovers.mkdir()
+    shutil.copy(trained_run / "metrics.jsonl", leftovers)
+    before = {path: path.read_bytes() for path in [*stopped.iterdir(), *leftovers.iterdir()]}
+    config = str(trained_run / "config.toml")
+    assert main(["train", "--resume", str(stopped)]) == 2
+    assert main(["train", "--config", config, "--run-dir", str(stopped)]) == 2
+    assert main(["train", "--config", config, "--run-dir", str(leftovers)]) == 2
+    assert main(["train", "--resume", str(trained_run), "--run-dir", str(tmp_path / "x"), "--name", "y"]) == 2
+    assert error_lines(capsys) == [
+        f"matcaps train: error: {stopped} stopped before its first checkpoint: nothing to resume; train it again "
+        f"with --config {stopped / 'config.toml'} and another --run-dir",
+        f"matcaps train: error: run directory {stopped} holds a run that stopped before its first checkpoint; "
+        f"choose another --run-dir/--name (its options: --config {stopped / 'config.toml'})",
+        f"matcaps train: error: run directory {leftovers} already holds metrics.jsonl of another run; "
+        "choose another --run-dir/--name",
+        f"matcaps train: error: --resume {trained_run} continues the run in that directory; do not combine it "
+        "with --run-dir, --name",
+    ]
+    assert {path: path.read_bytes() for path in [*stopped.iterdir(), *leftovers.iterdir()]} == before
 
 
 # ---------------------------------------------------------------------------------------------- 6. data_root
@@ -219,6 +259,8 @@ def test_config_toml_records_the_data_root_absolute_so_it_works_from_anywhere(da
     monkeypatch.chdir(elsewhere)
     assert main(["train", "--config", str(run / "config.toml"), "--run-dir", "again"]) == 0
     assert state_dicts_equal(load_checkpoint(run / "last.pt")["model"], load_checkpoint("again/last.pt")["model"])
+    header = Path("again/config.toml").read_text().splitlines()[0]  # a relative --run-dir, written absolute
+    assert header.endswith(f"reproduce with: matcaps train --config {(elsewhere / 'again').resolve() / 'config.toml'}")
     assert main(["test", str(run), *QUIET]) == 0
 
 
@@ -236,6 +278,13 @@ def test_plot_warns_about_unreadable_metrics_lines_with_their_numbers(trained_ru
     assert main(["plot", str(run)]) == 0
     assert error_lines(capsys) == [f"matcaps plot: warning: {metrics}: skipped unreadable lines 3, 5"]
     assert len(read_metrics(run)) == len(lines) - 2
+
+
+def test_plot_output_goes_into_a_new_folder(trained_run, tmp_path, capsys):
+    output = tmp_path / "figures" / "curves" / "tiny.png"
+    assert main(["plot", str(trained_run), "--output", str(output)]) == 0
+    assert output.read_bytes().startswith(b"\x89PNG") and str(output) in capsys.readouterr().out
+    assert not list(output.parent.glob(".*.tmp"))  # written whole, through a temporary file
 
 
 def test_a_resumed_run_does_not_glue_its_first_record_to_a_line_cut_by_the_crash(tmp_path):
@@ -265,7 +314,7 @@ def test_confusion_png_titles_name_the_checkpoint_and_the_split(trained_run, tmp
     best = json.loads((run / "test-standard-best.json").read_text())
     last = json.loads((run / "test-azimuth-last.json").read_text())
     assert titles == [
-        f"smallnorb azimuth test set, last.pt (step 20, epoch 2)\naccuracy {100 * last['accuracy']:.2f} %",
-        f"smallnorb standard test set, best.pt (step {best['step']}, epoch {best['epoch']})\n"
+        f"smallnorb azimuth test set\nlast.pt (step 20, epoch 2): accuracy {100 * last['accuracy']:.2f} %",
+        f"smallnorb standard test set\nbest.pt (step {best['step']}, epoch {best['epoch']}): "
         f"accuracy {100 * best['accuracy']:.2f} %",
     ]

@@ -14,6 +14,7 @@ from matcaps.cli import main
 from matcaps.data import DataConfig, load_splits
 from matcaps.data.folders import FolderOptions, scan_folder
 from matcaps.errors import ConfigError, DataFormatError, DatasetNotFoundError
+from matcaps.train import load_checkpoint
 
 CLASSES = ("circle", "square")
 
@@ -174,3 +175,17 @@ def test_train_test_and_predict_on_an_image_folder(tmp_path, capsys, monkeypatch
     assert main(["predict", str(run), str(image), "--format", "json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result["images"][0]["scores"]) == set(CLASSES)
+    assert load_checkpoint(run / "best.pt")["class_names"] == list(CLASSES)
+
+    # a renamed class folder changes the labels the folder's order gives: refused, not mis-scored
+    (root / CLASSES[0]).rename(root / f"z{CLASSES[0]}")
+    report_bytes, last_bytes = (run / "test-standard-best.json").read_bytes(), (run / "last.pt").read_bytes()
+    for command in (["test", str(run), "--no-progress", "--workers", "0"],
+                    ["train", "--resume", str(run), "--epochs", "3", "--no-progress", "--workers", "0"]):
+        assert main(command) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("skipped ")]
+        assert len(errors) == 1 and f"was trained on {', '.join(CLASSES)}" in errors[0], errors
+    assert (run / "test-standard-best.json").read_bytes() == report_bytes
+    assert (run / "last.pt").read_bytes() == last_bytes
+    assert main(["predict", str(run), str(image), "--format", "json"]) == 0  # the names travel in the checkpoint
+    assert json.loads(capsys.readouterr().out) == result

@@ -112,7 +112,7 @@ def test_a_published_run_scores_as_the_original_and_seeds_a_warm_start(trained_r
     published = tmp_path / "published"
     subprocess.run([sys.executable, str(script), str(trained_run), str(published)], check=True, capture_output=True)
     payload = load_checkpoint(published / "best.pt")
-    assert set(payload) == {"format", "model", "state", "config", "model_config"}  # no optimizer, no RNG states
+    assert set(payload) == {"format", "model", "state", "config", "model_config", "class_names"}  # no optimizer, no RNG states
     assert (published / "config.toml").is_file() and (published / "metrics.jsonl").is_file()
     original = load_checkpoint(trained_run / "best.pt")
     assert all(torch.equal(payload["model"][k], v) for k, v in original["model"].items())

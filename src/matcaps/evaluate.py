@@ -21,8 +21,9 @@ from matcaps.data import CachedImageDataset, DatasetInfo, load_splits
 from matcaps.data.affine import AFFINE_SEED
 from matcaps.data.crops import MultiCropTransform, crop_offsets
 from matcaps.errors import CheckpointError
+from matcaps.fsutil import save_png_atomic
 from matcaps.models import ModelConfig, build_model, model_config_from_dict
-from matcaps.train.checkpoint import load_checkpoint, resolve_checkpoint
+from matcaps.train.checkpoint import check_class_names, load_checkpoint, resolve_checkpoint
 from matcaps.train.config import TrainConfig, data_config
 from matcaps.distributed import resolve_device
 from matcaps.train.run import epoch_of_last_step
@@ -136,6 +137,7 @@ def load_for_testing(
     data = data_config(config, split=split or config.split, validation=False, test_viewpoints=viewpoints,
                        affine_seed=affine_seed, **changes)  # fmt: skip
     splits = load_splits(data)
+    check_class_names(payload, splits.info.class_names, f"the {config.dataset} data in {data.root}", path)
     torch_device = resolve_device(device)
     model = build_model(model_config)
     model.load_state_dict(payload["model"])
@@ -242,17 +244,18 @@ def plot_confusion(report: TestReport, path: str | Path) -> Path:
     axes.set_xlabel("predicted class")
     axes.set_ylabel("true class")
     views = f", {report.views_text()}" if report.crops > 1 or report.mirrored else ""
-    axes.set_title(f"{report.dataset} {report.split} test set{views}, {Path(report.checkpoint).name} "
-                   f"(step {report.step}, epoch {report.epoch})\naccuracy {100 * report.accuracy:.2f} %")
+    axes.set_title(f"{report.dataset} {report.split} test set{views}\n{Path(report.checkpoint).name} "
+                   f"(step {report.step}, epoch {report.epoch}): accuracy {100 * report.accuracy:.2f} %", fontsize=9)
     for row in ticks:
         for column in ticks:
             colour = "white" if rates[row, column] > 0.5 else "black"
             axes.text(column, row, int(counts[row, column]), ha="center", va="center", color=colour, fontsize=8)
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="fraction of the true class")
     figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    try:
+        path = save_png_atomic(figure, path, dpi=120)
+    finally:
+        plt.close(figure)
     return path
 
 

@@ -1,9 +1,11 @@
-"""File-system helpers for writes that must survive a crash (checkpoints, dataset caches)."""
+"""File-system helpers for writes that must survive a crash (checkpoints, dataset caches, figures)."""
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
+from typing import Any
 
 
 def fsync_directory(path: Path | str) -> None:
@@ -46,3 +48,16 @@ def write_bytes_atomic(path: Path | str, data: bytes) -> None:
         temporary.unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+
+
+def save_png_atomic(figure: Any, path: Path | str, dpi: int) -> Path:
+    """Write the matplotlib ``figure`` as a PNG at ``path`` (its folder created if absent), atomically.
+
+    The figure is drawn into memory first, so a failure while drawing leaves no file behind.
+    """
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, buffer.getvalue())
+    return path

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from matcaps.errors import CheckpointError
+from matcaps.fsutil import save_png_atomic
 from matcaps.train.metrics import read_metrics
 
 #: File name of the figure inside the run directory.
@@ -57,7 +58,7 @@ def plot_training_curves(
         axes.set_xlabel("step")
     figure.suptitle(str(run_dir))
     figure.tight_layout()
-    path = Path(output) if output is not None else run_dir / CURVES_FILE
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    try:
+        return save_png_atomic(figure, Path(output) if output is not None else run_dir / CURVES_FILE, dpi=110)
+    finally:
+        plt.close(figure)

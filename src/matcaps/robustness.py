@@ -39,7 +39,7 @@ from matcaps.adversarial import (
 from matcaps.data.transforms import PIXEL_SCALE
 from matcaps.errors import CheckpointError, ConfigError
 from matcaps.evaluate import LoadedCheckpoint
-from matcaps.fsutil import write_text_atomic
+from matcaps.fsutil import save_png_atomic, write_text_atomic
 from matcaps.models import CapsNetConfig, count_parameters
 
 #: ε of ``matcaps attack`` by default ([0, 1] pixel units; 0.1 = 25.5 grey levels).
@@ -366,7 +366,7 @@ def plot_attack_reports(reports: Sequence[AttackReport], path: str | Path) -> Pa
     datasets = sorted({f"{report.dataset} {report.split}" for report in reports})
     figure.suptitle(f"{', '.join(datasets)}: {' / '.join(map(str, images))} test images, white-box FGSM and BIM")
     figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    try:
+        return save_png_atomic(figure, path, dpi=120)
+    finally:
+        plt.close(figure)

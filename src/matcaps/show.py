@@ -22,7 +22,6 @@ The figure has :func:`panel_count` panels (colour bars aside).
 from __future__ import annotations
 
 import dataclasses
-import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 from torch import Tensor
 
 from matcaps.errors import ConfigError
-from matcaps.fsutil import write_bytes_atomic
+from matcaps.fsutil import save_png_atomic
 from matcaps.routing import RoutingTrace, compute_votes, trace_em_routing
 from matcaps.trained import TrainedNetwork, class_scores, preprocess_image
 
@@ -226,9 +225,7 @@ def save_figure(figure, path: str | Path) -> Path:
     """Write ``figure`` as a PNG (atomically: a temporary file renamed into place) and close it."""
     import matplotlib.pyplot as plt
 
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    path = Path(path)
-    write_bytes_atomic(path, buffer.getvalue())
-    return path
+    try:
+        return save_png_atomic(figure, path, dpi=100)
+    finally:
+        plt.close(figure)

@@ -29,7 +29,7 @@ from matcaps.data.splits import dataset_transforms
 from matcaps.errors import CheckpointError
 from matcaps.models import CapsNet, ModelConfig, build_model, model_config_from_dict
 from matcaps.models.weights import PretrainedWeights
-from matcaps.train.checkpoint import load_checkpoint, resolve_target
+from matcaps.train.checkpoint import CLASS_NAMES_KEY, load_checkpoint, resolve_target
 from matcaps.train.config import TrainConfig
 
 
@@ -100,12 +100,14 @@ def load_trained(target: str | Path, which: str = "best", device: str | torch.de
     state = payload.get("state", {})
     return TrainedNetwork(
         model=model, model_config=model_config, config=config, checkpoint=path, step=int(state.get("step", 0)),
-        class_names=class_names(config, model_config.num_classes), pretrained=entry, device=device,
+        class_names=tuple(payload.get(CLASS_NAMES_KEY) or class_names(config, model_config.num_classes)),
+        pretrained=entry, device=device,
     )  # fmt: skip
 
 
 def class_names(config: TrainConfig, num_classes: int) -> tuple[str, ...]:
-    """The class names of the dataset a network was trained on (an image folder's from the folder, if still there)."""
+    """The class names of the dataset a network was trained on, for checkpoints that do not record them
+    (an image folder's from the folder, if still there)."""
     if config.dataset == FOLDER_DATASET:
         return folder_class_names(config.data_root, num_classes)
     return tuple(dataset_info(config.dataset).class_names)

@@ -26,6 +26,8 @@ GROUP_TITLES = {
 }  # fmt: skip
 
 
+#: Parent of the run directories when neither ``--run-dir`` nor ``--runs-root`` is given.
+DEFAULT_RUNS_ROOT = Path("runs")
 #: Attribute of the parsed namespace mapping each option given on the command line to the flag typed.
 TYPED_FLAGS = "_typed_flags"
 
@@ -98,7 +100,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--resume", type=Path, metavar="RUN_DIR",
                      help="continue the run in RUN_DIR from its last.pt, exactly where it stopped")
     run.add_argument("--run-dir", type=Path, help="directory of this run (default: RUNS_ROOT/NAME)")
-    run.add_argument("--runs-root", type=Path, default=Path("runs"), help="parent of run directories (default: runs)")
+    run.add_argument("--runs-root", type=Path, help=f"parent of run directories (default: {DEFAULT_RUNS_ROOT})")
     run.add_argument("--name", help="run name (default: DATASET-YYYYmmdd-HHMMSS)")
     groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
     for name, f in FIELDS.items():
@@ -174,6 +176,11 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         if args.config is not None or model_options or lr_scales:
             raise ConfigError("--resume continues a run with its saved configuration; do not combine it "
                               "with --config, --model-option or --lr-scale")
+        elsewhere = [flag for flag, value in (("--run-dir", args.run_dir), ("--runs-root", args.runs_root),
+                                              ("--name", args.name)) if value is not None]
+        if elsewhere:
+            raise ConfigError(f"--resume {args.resume} continues the run in that directory; do not combine it "
+                              f"with {', '.join(elsewhere)}")
         saved = read_run_config(args.resume)
         names = {name: typed.get(name, _flag(name)) for name in FIELDS}
         try:
@@ -202,14 +209,20 @@ def run_command(args: argparse.Namespace) -> int:
     from matcaps.train.config import data_config, resolve_model_config
     from matcaps.distributed import setup_distributed, teardown_distributed
     from matcaps.train.interrupt import SIGNAL_EXIT_BASE, StopSignals
-    from matcaps.train.run import describe_progress, train_run
+    from matcaps.train.run import CONFIG_FILE, describe_progress, train_run
 
     config = resolve_config(args)
     allocator = apply_allocator(config.allocator)  # before the data and the network are allocated
     splits = load_splits(data_config(config))  # fails early (one line) if the data are not prepared
     report_skipped_images(splits)
     info = splits.info
-    model_config = resolve_model_config(config, info.num_classes, info.image_size, info.channels)
+    try:
+        model_config = resolve_model_config(config, info.num_classes, info.image_size, info.channels)
+    except ConfigError as error:
+        source = args.resume / CONFIG_FILE if args.resume is not None else args.config
+        if source is None or args.model_option or str(source) in str(error):
+            raise
+        raise ConfigError(f"configuration file {source}: {error}") from None
     if args.resume is None and isinstance(model_config, CapsNetConfig):  # record what the defaults resolved to
         config = config.replace(
             model=config.model or default_model_name(config.dataset), iters=model_config.routing.iterations,
@@ -225,7 +238,7 @@ def run_command(args: argparse.Namespace) -> int:
                 config, model_config, splits.train, splits.val, run_dir, resume=args.resume is not None, context=context,
                 extra_info={"allocator": allocator, "dataset_sizes": {"train": len(splits.train), "val": len(splits.val) if splits.val else 0,
                                               "test": len(splits.test)}},
-                stop_requested=stop_signals.requested,
+                stop_requested=stop_signals.requested, class_names=info.class_names,
             )  # fmt: skip
     finally:
         teardown_distributed(context)
@@ -259,13 +272,13 @@ def _agree_on_run_dir(args: argparse.Namespace, config: TrainConfig, context) ->
     from matcaps.train.run import choose_run_dir
 
     if not context.distributed:
-        return choose_run_dir(args.run_dir, args.runs_root, args.name, config.dataset)
+        return choose_run_dir(args.run_dir, args.runs_root or DEFAULT_RUNS_ROOT, args.name, config.dataset)
     import torch.distributed as dist
 
     message: list[Any] = [None]
     if context.is_main:
         try:
-            message = [str(choose_run_dir(args.run_dir, args.runs_root, args.name, config.dataset))]
+            message = [str(choose_run_dir(args.run_dir, args.runs_root or DEFAULT_RUNS_ROOT, args.name, config.dataset))]
         except ConfigError as error:
             message = [ConfigError(str(error))]
     dist.broadcast_object_list(message, src=0)

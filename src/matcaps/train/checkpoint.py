@@ -19,6 +19,7 @@ import os
 import pickle
 import random
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -311,9 +312,29 @@ def read_initial_weights(source: str | Path, model_config: dict[str, Any]) -> In
     return InitialWeights(path, weights, changes, dict(source_config) if isinstance(source_config, dict) else {})
 
 
+#: Checkpoint entry with the names of the training data's classes in label order (checkpoints written
+#: before it existed lack it): an image folder's classes are its sub-folders, so a renamed, added or
+#: removed folder would silently shift the labels.
+CLASS_NAMES_KEY = "class_names"
+
+
+def check_class_names(payload: dict[str, Any], data_class_names: Sequence[str], data: str, path: str | Path) -> None:
+    """Refuse, in one line, data whose classes differ from those the checkpoint at ``path`` was trained on.
+
+    ``data`` names the data in the message (e.g. the image folder).  Checkpoints without
+    :data:`CLASS_NAMES_KEY` pass.
+    """
+    trained = payload.get(CLASS_NAMES_KEY)
+    if trained is not None and list(trained) != list(data_class_names):
+        raise CheckpointError(
+            f"{data} has the classes {', '.join(data_class_names)}, but {path} was trained on "
+            f"{', '.join(trained)} (in this label order); scoring or training on it would mix up the labels"
+        )
+
+
 #: Checkpoint entries that scoring, attacking, predicting and warm starts need; the rest (optimizer,
 #: scheduler, random-number states) only serves ``--resume``.
-WEIGHTS_ONLY_KEYS: tuple[str, ...] = ("format", "model", "state", "config", "model_config")
+WEIGHTS_ONLY_KEYS: tuple[str, ...] = ("format", "model", "state", "config", "model_config", CLASS_NAMES_KEY)
 
 
 def save_weights_only(payload: dict[str, Any], path: str | Path) -> None:

@@ -19,7 +19,7 @@ import itertools
 import json
 import platform
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from matcaps import __version__
 from matcaps.errors import CheckpointError, ConfigError
 from matcaps.fsutil import write_text_atomic
 from matcaps.models import CapsNetConfig, count_parameters
-from matcaps.train.checkpoint import LAST_CHECKPOINT, DamagedCheckpointError, load_checkpoint
+from matcaps.train.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, DamagedCheckpointError, load_checkpoint
 from matcaps.train.config import (
     RESUMABLE_CHANGES,
     TrainConfig,
@@ -40,6 +40,7 @@ from matcaps.train.config import (
     to_toml,
 )
 from matcaps.distributed import DistributedContext
+from matcaps.train.metrics import METRICS_FILE
 from matcaps.train.trainer import StepHook, Trainer, TrainResult
 
 #: Files of a run directory.
@@ -57,12 +58,20 @@ def default_run_name(dataset: str) -> str:
 def choose_run_dir(run_dir: str | Path | None, runs_root: str | Path, name: str | None, dataset: str) -> Path:
     """``run_dir`` if given, else ``runs_root/name`` (``name`` defaulting to a timestamped one).
 
-    A directory that already holds a run is refused: resume it with ``--resume``.
+    A directory that already holds a run, or the files of one, is refused (nothing in it is
+    overwritten or appended to): resume it with ``--resume`` when it has a checkpoint.
     """
     path = Path(run_dir) if run_dir is not None else Path(runs_root) / (name or default_run_name(dataset))
-    if (path / CONFIG_FILE).exists() or (path / LAST_CHECKPOINT).exists():
+    if (path / LAST_CHECKPOINT).exists():
         raise ConfigError(f"run directory {path} already holds a run; continue it with --resume {path} "
                           "or choose another --run-dir/--name")
+    if (path / CONFIG_FILE).exists():
+        raise ConfigError(f"run directory {path} holds a run that stopped before its first checkpoint; choose "
+                          f"another --run-dir/--name (its options: --config {path / CONFIG_FILE})")
+    leftovers = [name for name in (METRICS_FILE, BEST_CHECKPOINT) if (path / name).exists()]
+    if leftovers:
+        raise ConfigError(f"run directory {path} already holds {' and '.join(leftovers)} of another run; "
+                          "choose another --run-dir/--name")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"run directory {path} exists and is not a directory")
     return path
@@ -140,6 +149,9 @@ def record_resume(run_dir: Path, config: TrainConfig, step: int) -> None:
 def _load_resume_checkpoint(run_dir: Path, trainer: Trainer) -> None:
     """Load ``RUN/last.pt`` into ``trainer``; a damaged file says how to use the run's ``best.pt``."""
     path = run_dir / LAST_CHECKPOINT
+    if not path.exists() and not (run_dir / BEST_CHECKPOINT).exists():
+        raise CheckpointError(f"{run_dir} stopped before its first checkpoint: nothing to resume; train it again "
+                              f"with --config {run_dir / CONFIG_FILE} and another --run-dir")
     try:
         payload = load_checkpoint(path, map_location=trainer.device)
     except DamagedCheckpointError as error:
@@ -150,6 +162,8 @@ def _load_resume_checkpoint(run_dir: Path, trainer: Trainer) -> None:
         trainer.load_checkpoint(payload)
     except KeyError as error:
         raise CheckpointError(f"checkpoint {path} lacks {error}; it was not written by matcaps train") from None
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from None
 
 
 def write_run_files(run_dir: Path, config: TrainConfig, model_config: CapsNetConfig, context: DistributedContext,
@@ -157,7 +171,7 @@ def write_run_files(run_dir: Path, config: TrainConfig, model_config: CapsNetCon
     """``config.toml`` and ``run.json`` of a new run."""
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / CONFIG_FILE, header=f"matcaps {__version__} training configuration; "
-                f"reproduce with: matcaps train --config {run_dir / CONFIG_FILE}")
+                f"reproduce with: matcaps train --config {run_dir.resolve() / CONFIG_FILE}")
     info = {
         "matcaps_version": __version__,
         "torch_version": torch.__version__,
@@ -183,16 +197,18 @@ def train_run(
     step_hook: StepHook | None = None,
     extra_info: dict[str, Any] | None = None,
     stop_requested: Callable[[], str | None] | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> TrainResult:
     """Train (or, with ``resume``, continue from ``RUN/last.pt``) into ``run_dir``.
 
     Every process calls this; only the main one writes files.  ``stop_requested`` is asked after
     every step; once it names a reason (e.g. ``StopSignals().requested``), training stops there with
-    a checkpoint, as at ``config.max_minutes``.
+    a checkpoint, as at ``config.max_minutes``.  ``class_names`` (the data's, in label order) go into
+    every checkpoint; on resume they must equal the checkpoint's.
     """
     run_dir = Path(run_dir)
     trainer = Trainer(config, model_config, train_set, val_set, run_dir=run_dir, context=context, step_hook=step_hook,
-                      stop_requested=stop_requested)  # fmt: skip
+                      stop_requested=stop_requested, class_names=class_names)  # fmt: skip
     if not resume and config.init_from is not None:
         initial = trainer.load_initial_weights(config.init_from)
         changed = f" (routing changed: {', '.join(initial.routing_changes)})" if initial.routing_changes else ""

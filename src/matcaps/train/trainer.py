@@ -19,7 +19,7 @@ from ``(seed, epoch)``, so a run resumed from step ``k`` computes the same steps
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +39,11 @@ from matcaps.scoring import EvaluationCounts, autocast_context, evaluate_model
 from matcaps.train.checkpoint import (
     BEST_CHECKPOINT,
     CHECKPOINT_FORMAT,
+    CLASS_NAMES_KEY,
     LAST_CHECKPOINT,
     InitialWeights,
     capture_rng_state,
+    check_class_names,
     network_differences,
     read_initial_weights,
     restore_rng_state,
@@ -74,6 +76,8 @@ class Trainer:
         context: The process group (default: a single process on ``config.device``).
         step_hook: Called after every step (tests use it to interrupt a run).
         log: Prints a line (default: ``tqdm.write`` on the main process).
+        class_names: The training data's class names in label order, saved in every checkpoint
+            (and checked against the checkpoint's on resume); None: not recorded.
     """
 
     def __init__(
@@ -87,8 +91,10 @@ class Trainer:
         step_hook: StepHook | None = None,
         log: Callable[[str], None] | None = None,
         stop_requested: Callable[[], str | None] | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         self.config = config
+        self.class_names = list(class_names) if class_names is not None else None
         self.model_config = model_config
         self.context = context or DistributedContext(device=resolve_device(config.device))
         self.device = self.context.device
@@ -193,6 +199,7 @@ class Trainer:
             "rng": capture_rng_state(),
             "config": self.config.to_dict(),
             "model_config": self.model_config.to_dict(),
+            **({CLASS_NAMES_KEY: self.class_names} if self.class_names is not None else {}),
         }
 
     def save_checkpoint(self, name: str = LAST_CHECKPOINT) -> Path | None:
@@ -222,7 +229,11 @@ class Trainer:
         except (ConfigError, TypeError) as error:
             raise CheckpointError(f"the checkpoint's model configuration is invalid: {error}") from None
         if differences:
-            raise CheckpointError("the checkpoint's model differs from the configured one")
+            raise CheckpointError(f"the checkpoint's model differs from the configured one in {', '.join(differences)} "
+                                  f"(with the data of {self.config.data_root})")
+        if self.class_names is not None:
+            check_class_names(payload, self.class_names, f"the {self.config.dataset} data in {self.config.data_root}",
+                              "the checkpoint")
         if self.weight_average is not None and "training_model" not in payload:
             raise CheckpointError("the checkpoint holds no trained weights beside the evaluated ones; it was not "
                                   "written by a run with --ema-decay")
