@@ -45,6 +45,12 @@ def test_routed_layers_name_the_expected_and_received_shapes(layer, poses_shape,
     assert isinstance(error.value, MatcapsError) and isinstance(error.value, ValueError)
 
 
+@pytest.mark.parametrize("layer", [ConvCaps(8, 4, 3, 2), ClassCaps(8, 5)], ids=["conv", "class"])
+def test_routed_layers_refuse_an_empty_batch(layer):
+    with pytest.raises(InvalidInputError, match=r"empty batch \(N = 0\)"):
+        layer(torch.randn(0, 9, 9, 8, 4, 4), torch.rand(0, 9, 9, 8))
+
+
 def test_primary_caps_and_input_norm_check_their_channels():
     with pytest.raises(InvalidInputError, match=r"expects features \(N, 8, H, W\), got \(2, 3, 5, 5\)"):
         PrimaryCaps(8, 4)(torch.randn(2, 3, 5, 5))

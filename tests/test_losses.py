@@ -7,8 +7,15 @@ import math
 import pytest
 import torch
 
-from matcaps.errors import ConfigError
-from matcaps.losses import MarginSchedule, SpreadLoss, l2_penalty, regularised_parameters, spread_loss
+from matcaps.errors import ConfigError, InvalidInputError
+from matcaps.losses import (
+    MarginSchedule,
+    SpreadLoss,
+    classification_loss,
+    l2_penalty,
+    regularised_parameters,
+    spread_loss,
+)
 from matcaps.models import build_model
 
 
@@ -65,3 +72,20 @@ def test_l2_penalty_covers_kernels_and_transforms_only():
     parameters = regularised_parameters(model)
     expected = 2e-7 * sum(float(p.detach().double().square().sum()) for p in parameters) / 2
     assert math.isclose(l2_penalty(parameters, 2e-7).item(), expected, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize(("scores", "targets"), [
+    (torch.rand(3, 5), torch.tensor([1.0, 2.0, 3.0])),  # float targets
+    (torch.rand(3, 5), torch.tensor([[1], [2], [3]])),  # (N, 1) targets
+    (torch.rand(3, 5), torch.tensor([1, 2])),  # another batch size
+    (torch.rand(3, 5), torch.tensor([1, 2, 3], dtype=torch.int32)),  # gather and cross-entropy need int64
+    (torch.rand(0, 5), torch.zeros(0, dtype=torch.long)),  # an empty batch (the mean would be NaN)
+    (torch.rand(5), torch.tensor([1])),  # scores without a batch dimension
+])  # fmt: skip
+@pytest.mark.parametrize("kind", ["spread", "cross_entropy"])
+def test_losses_name_the_expected_and_received_shapes(kind, scores, targets):
+    with pytest.raises(InvalidInputError) as error:
+        classification_loss(kind, scores, targets, 0.2)
+    message = str(error.value)
+    assert "(N, K) floating-point class scores and (N,) int64 class indices" in message
+    assert str(tuple(scores.shape)) in message and str(tuple(targets.shape)) in message

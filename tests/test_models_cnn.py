@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from matcaps.errors import ConfigError
+from matcaps.errors import ConfigError, InvalidInputError
 from matcaps.losses import classification_loss, spread_loss
 from matcaps.models import (
     CNN_BASELINE,
@@ -83,6 +83,13 @@ def test_invalid_configurations_are_config_errors(changes, message):
         CNNBaselineConfig(**changes)
     with pytest.raises(ConfigError, match="unknown option"):
         CNNBaselineConfig.from_dict({"routing": {}})
+
+
+def test_an_image_of_another_size_is_named_not_a_matmul_error():
+    network = CNNBaseline(CNNBaselineConfig(image_size=32))
+    assert network(torch.randn(2, 1, 32, 32)).logits.shape == (2, network.config.num_classes)
+    with pytest.raises(InvalidInputError, match=r"built for 32×32 images .*got \(2, 1, 28, 28\)"):
+        network(torch.randn(2, 1, 28, 28))
 
 
 def test_classification_loss_dispatches_on_the_models_loss_kind():

@@ -181,3 +181,11 @@ def test_an_unknown_network_name_lists_the_pretrained_ones(tmp_path, capsys, mon
         assert main(command) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and "mnits" in lines[0] and "mnist, fashion-mnist" in lines[0], lines
+
+
+def test_an_unknown_device_is_one_line(test_images, capsys):
+    paths, _ = test_images
+    for command in ("predict", "test"):
+        assert main([command, "mnist", str(paths[0]) if command == "predict" else "--no-progress", "--device", "bogus"]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"matcaps {command}: error: unknown device 'bogus'; choose auto, cpu, cuda or cuda:N"]

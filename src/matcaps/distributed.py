@@ -57,7 +57,10 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(f"device {name} does not exist ({torch.cuda.device_count()} GPU(s) visible)")
         return device
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; choose auto, cpu, cuda or cuda:N") from None
 
 
 def setup_distributed(device_name: str = "auto") -> DistributedContext:

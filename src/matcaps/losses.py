@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from matcaps.errors import ConfigError
+from matcaps.errors import ConfigError, InvalidInputError
+from matcaps.layers.routed import describe_tensor
 
 
 @dataclass(frozen=True)
@@ -57,11 +58,27 @@ def spread_loss(activations: Tensor, targets: Tensor, margin: float) -> Tensor:
 
     Returns:
         Scalar loss.
+
+    Raises:
+        InvalidInputError: not ``(N, K)`` floating-point scores and ``(N,)`` int64 targets with N ≥ 1.
     """
+    check_scores_and_targets(activations, targets)
     target_activation = activations.gather(1, targets.unsqueeze(1))  # (N, 1)
     violations = torch.relu(margin - (target_activation - activations)) ** 2  # (N, K)
     not_target = torch.ones_like(violations).scatter_(1, targets.unsqueeze(1), 0.0)
     return (violations * not_target).sum(dim=1).mean()
+
+
+def check_scores_and_targets(scores: Tensor, targets: Tensor) -> None:
+    """Shapes and dtypes only (checking the target values would synchronise a GPU at every step)."""
+    valid = (
+        isinstance(scores, Tensor) and isinstance(targets, Tensor)
+        and scores.dim() == 2 and scores.is_floating_point()
+        and targets.dim() == 1 and targets.dtype == torch.int64 and len(targets) == len(scores) > 0
+    )  # fmt: skip
+    if not valid:
+        raise InvalidInputError(f"the loss expects (N, K) floating-point class scores and (N,) int64 class indices "
+                                f"with N >= 1, got scores {describe_tensor(scores)} and targets {describe_tensor(targets)}")
 
 
 #: Losses a network can declare in its ``loss_kind`` attribute.
@@ -84,6 +101,7 @@ def classification_loss(kind: str, scores: Tensor, targets: Tensor, margin: floa
     if kind == "spread":
         return spread_loss(scores, targets, margin)
     if kind == "cross_entropy":
+        check_scores_and_targets(scores, targets)
         return nn.functional.cross_entropy(scores, targets)
     raise ValueError(f"unknown loss kind {kind!r}; choose one of {', '.join(LOSS_KINDS)}")
 
@@ -113,3 +131,9 @@ def regularised_parameters(model: nn.Module) -> list[Tensor]:
     Biases, ``β_a``/``β_v`` and normalisation statistics are excluded.
     """
     return [p for name, p in model.named_parameters() if name.endswith("weight") and p.dim() > 1]
+
+
+__all__ = [
+    "LOSS_KINDS", "MarginSchedule", "SpreadLoss", "check_scores_and_targets", "classification_loss", "l2_penalty",
+    "regularised_parameters", "spread_loss",
+]  # fmt: skip

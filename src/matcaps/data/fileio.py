@@ -151,7 +151,8 @@ def _md5_of_stream(
         try:
             chunk = handle.read(DIGEST_CHUNK_BYTES)
         except GZIP_ERRORS as error:
-            raise DataFormatError(f"{path}: corrupted gzip stream after {total} decompressed bytes: {error}") from error
+            raise DataFormatError(f"{path}: corrupted gzip stream (in decompressed bytes {total:,} to "
+                                  f"{total + DIGEST_CHUNK_BYTES:,}): {error}") from error
         if not chunk:
             return total, digest.hexdigest()
         total += len(chunk)

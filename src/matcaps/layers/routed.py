@@ -149,8 +149,10 @@ class RoutedCapsules(nn.Module):
         if not valid:
             raise InvalidInputError(
                 f"{type(self).__name__}(in_types={b}, pose_size={p}) expects {expected} (channels last), got "
-                f"poses {_describe(poses)} and activations {_describe(activations)}"
+                f"poses {describe_tensor(poses)} and activations {describe_tensor(activations)}"
             )
+        if poses.shape[0] == 0:
+            raise InvalidInputError(f"{type(self).__name__} got an empty batch (N = 0): {expected}")
 
     def forward(self, poses: Tensor, activations: Tensor) -> Capsules:
         """Route the input capsules to this layer's parents (see the subclass for the shapes)."""
@@ -198,7 +200,8 @@ class RoutedCapsules(nn.Module):
         ]
 
 
-def _describe(value: object) -> str:
+def describe_tensor(value: object) -> str:
+    """``(2, 3) float32`` for a tensor, the type's name for anything else (for error messages)."""
     if isinstance(value, Tensor):
         return f"{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
     return type(value).__name__

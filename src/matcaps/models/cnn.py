@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
-from matcaps.errors import ConfigError
+from matcaps.errors import ConfigError, InvalidInputError
 from matcaps.layers import InputNorm
 from matcaps.models.fields import reject_unknown
 
@@ -104,7 +104,8 @@ class CNNBaseline(nn.Module):
     """The baseline CNN (see the module docstring).
 
     Shapes:
-        * input: ``(N, in_channels, S, S)`` images (standardised), ``S`` divisible by 4;
+        * input: ``(N, in_channels, S, S)`` images (standardised), ``S = config.image_size``
+          (divisible by 4; the fully connected layer is sized for it);
         * output: :class:`ClassifierOutput` with ``(N, num_classes)`` logits.
     """
 
@@ -133,6 +134,10 @@ class CNNBaseline(nn.Module):
         )
 
     def forward(self, images: Tensor) -> ClassifierOutput:
+        size = self.config.image_size
+        if isinstance(images, Tensor) and images.dim() == 4 and tuple(images.shape[2:]) != (size, size):
+            raise InvalidInputError(f"{type(self).__name__} was built for {size}×{size} images (its fully connected "
+                                    f"layer depends on the size), got {tuple(images.shape)}")
         return ClassifierOutput(logits=self.classifier(self.features(self.input_norm(images))))
 
 
