@@ -183,9 +183,10 @@ def test_an_unknown_network_name_lists_the_pretrained_ones(tmp_path, capsys, mon
         assert len(lines) == 1 and "mnits" in lines[0] and "mnist, fashion-mnist" in lines[0], lines
 
 
-def test_an_unknown_device_is_one_line(test_images, capsys):
+def test_an_unknown_device_is_one_line(tiny_mnist_run, test_images, capsys):
+    run, _ = tiny_mnist_run
     paths, _ = test_images
     for command in ("predict", "test"):
-        assert main([command, "mnist", str(paths[0]) if command == "predict" else "--no-progress", "--device", "bogus"]) == 2
+        assert main([command, str(run), str(paths[0]) if command == "predict" else "--no-progress", "--device", "bogus"]) == 2
         assert capsys.readouterr().err.strip().splitlines() == [
             f"matcaps {command}: error: unknown device 'bogus'; choose auto, cpu, cuda or cuda:N"]
