@@ -271,14 +271,15 @@ def _agree_on_run_dir(args: argparse.Namespace, config: TrainConfig, context) ->
     """Rank 0 picks (and checks) the run directory; every process gets the same one."""
     from matcaps.train.run import choose_run_dir
 
+    runs_root = args.runs_root or DEFAULT_RUNS_ROOT
     if not context.distributed:
-        return choose_run_dir(args.run_dir, args.runs_root or DEFAULT_RUNS_ROOT, args.name, config.dataset)
+        return choose_run_dir(args.run_dir, runs_root, args.name, config.dataset)
     import torch.distributed as dist
 
     message: list[Any] = [None]
     if context.is_main:
         try:
-            message = [str(choose_run_dir(args.run_dir, args.runs_root or DEFAULT_RUNS_ROOT, args.name, config.dataset))]
+            message = [str(choose_run_dir(args.run_dir, runs_root, args.name, config.dataset))]
         except ConfigError as error:
             message = [ConfigError(str(error))]
     dist.broadcast_object_list(message, src=0)

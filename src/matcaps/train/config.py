@@ -358,14 +358,14 @@ def default_model_name(dataset: str) -> str:
 
 def resolve_model_config(config: TrainConfig, num_classes: int, image_size: int, channels: int) -> ModelConfig:
     """The network to train: preset → dataset shape → ``model_options`` → ``iters``/``routing_impl``."""
-    if config.model == CNN_BASELINE:
-        return _resolve_cnn_config(config, num_classes, image_size, channels)
-    base = preset(config.model or default_model_name(config.dataset))
     if "num_classes" in config.model_options and config.model_options["num_classes"] != num_classes:
         raise ConfigError(
             f"model option num_classes={config.model_options['num_classes']} does not match the {num_classes} "
             f"classes of dataset {config.dataset}"
         )
+    if config.model == CNN_BASELINE:
+        return _resolve_cnn_config(config, num_classes, image_size, channels)
+    base = preset(config.model or default_model_name(config.dataset))
     base = base.replace(num_classes=num_classes, image_size=image_size, in_channels=channels)
     return apply_model_options(base, config.model_options, iterations=config.iters, implementation=config.routing_impl)
 
@@ -379,11 +379,7 @@ def _resolve_cnn_config(config: TrainConfig, num_classes: int, image_size: int, 
     if capsule_groups:
         raise ConfigError(f"option lr_scales: {', '.join(capsule_groups)} are capsule parameters; "
                           f"{CNN_BASELINE} has only features")
-    options = dict(config.model_options)
-    if "num_classes" in options and options["num_classes"] != num_classes:
-        raise ConfigError(f"model option num_classes={options['num_classes']} does not match the {num_classes} "
-                          f"classes of dataset {config.dataset}")
-    values = {"num_classes": num_classes, "image_size": image_size, "in_channels": channels, **options}
+    values = {"num_classes": num_classes, "image_size": image_size, "in_channels": channels, **config.model_options}
     try:
         return CNNBaselineConfig.from_dict(values)
     except TypeError as error:
