@@ -21,7 +21,7 @@ from matcaps.data import CachedImageDataset, DatasetInfo, load_splits
 from matcaps.data.affine import AFFINE_SEED
 from matcaps.data.crops import MultiCropTransform, crop_offsets
 from matcaps.errors import CheckpointError
-from matcaps.fsutil import save_png_atomic
+from matcaps.figures import pyplot, save_and_close
 from matcaps.models import ModelConfig, build_model, model_config_from_dict
 from matcaps.train.checkpoint import check_class_names, load_checkpoint, resolve_checkpoint
 from matcaps.train.config import TrainConfig, data_config
@@ -228,10 +228,7 @@ def format_report(report: TestReport) -> str:
 
 def plot_confusion(report: TestReport, path: str | Path) -> Path:
     """Draw the confusion matrix (row-normalised colours, counts written in the cells) to a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     counts = torch.tensor(report.confusion_matrix, dtype=torch.float64)
     rates = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
@@ -252,11 +249,7 @@ def plot_confusion(report: TestReport, path: str | Path) -> Path:
             axes.text(column, row, int(counts[row, column]), ha="center", va="center", color=colour, fontsize=8)
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="fraction of the true class")
     figure.tight_layout()
-    try:
-        path = save_png_atomic(figure, path, dpi=120)
-    finally:
-        plt.close(figure)
-    return path
+    return save_and_close(figure, path, dpi=120)
 
 
 def save_report(report: TestReport, directory: str | Path | None = None) -> tuple[Path, Path]:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from matcaps.errors import CheckpointError
-from matcaps.fsutil import save_png_atomic
+from matcaps.figures import pyplot, save_and_close
 from matcaps.train.metrics import read_metrics
 
 #: File name of the figure inside the run directory.
@@ -33,10 +33,7 @@ def plot_training_curves(
 
     ``warn`` receives a message naming the lines of ``metrics.jsonl`` that could not be read.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     run_dir = Path(run_dir)
     records = read_metrics(run_dir, warn=warn)
@@ -58,7 +55,4 @@ def plot_training_curves(
         axes.set_xlabel("step")
     figure.suptitle(str(run_dir))
     figure.tight_layout()
-    try:
-        return save_png_atomic(figure, Path(output) if output is not None else run_dir / CURVES_FILE, dpi=110)
-    finally:
-        plt.close(figure)
+    return save_and_close(figure, Path(output) if output is not None else run_dir / CURVES_FILE, dpi=110)

@@ -39,7 +39,8 @@ from matcaps.adversarial import (
 from matcaps.data.transforms import PIXEL_SCALE
 from matcaps.errors import CheckpointError, ConfigError
 from matcaps.evaluate import LoadedCheckpoint
-from matcaps.fsutil import save_png_atomic, write_text_atomic
+from matcaps.figures import pyplot, save_and_close
+from matcaps.fsutil import write_text_atomic
 from matcaps.models import CapsNetConfig, count_parameters
 
 #: ε of ``matcaps attack`` by default ([0, 1] pixel units; 0.1 = 25.5 grey levels).
@@ -334,10 +335,7 @@ METHOD_STYLES = {"fgsm": "-", "bim": "--"}
 def plot_attack_reports(reports: Sequence[AttackReport], path: str | Path) -> Path:
     """Accuracy under untargeted attacks (left) and targeted success rate (right) against ε, every report
     and method on the same axes; chance (1/K) is drawn as a dotted line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     modes = [mode for mode in ATTACK_MODES if any(r["mode"] == mode for report in reports for r in report.results)]
     figure, axes_list = plt.subplots(1, len(modes), figsize=(6.2 * len(modes), 4.6), squeeze=False)
@@ -366,7 +364,4 @@ def plot_attack_reports(reports: Sequence[AttackReport], path: str | Path) -> Pa
     datasets = sorted({f"{report.dataset} {report.split}" for report in reports})
     figure.suptitle(f"{', '.join(datasets)}: {' / '.join(map(str, images))} test images, white-box FGSM and BIM")
     figure.tight_layout()
-    try:
-        return save_png_atomic(figure, path, dpi=120)
-    finally:
-        plt.close(figure)
+    return save_and_close(figure, path, dpi=120)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from matcaps.errors import ConfigError
-from matcaps.fsutil import save_png_atomic
+from matcaps.figures import pyplot, save_and_close
 from matcaps.routing import RoutingTrace, compute_votes, trace_em_routing
 from matcaps.trained import TrainedNetwork, class_scores, preprocess_image
 
@@ -149,10 +149,7 @@ def _display_image(network_input: Tensor) -> tuple[Tensor, str | None]:
 
 def draw_routing(trace: ImageTrace, class_names: tuple[str, ...], title: str = ""):
     """The figure described in the module docstring (a ``matplotlib.figure.Figure``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     iterations, num_classes = trace.iterations, len(class_names)
     width = max(12.0, 1.6 * num_classes)
@@ -223,9 +220,4 @@ def routing_picture_name(image: str | Path) -> str:
 
 def save_figure(figure, path: str | Path) -> Path:
     """Write ``figure`` as a PNG (atomically: a temporary file renamed into place) and close it."""
-    import matplotlib.pyplot as plt
-
-    try:
-        return save_png_atomic(figure, path, dpi=100)
-    finally:
-        plt.close(figure)
+    return save_and_close(figure, path, dpi=100)
