@@ -39,3 +39,12 @@ class InvalidInputError(MatcapsError, ValueError):
 
 class UnsupportedOperationError(MatcapsError, RuntimeError):
     """An operation the chosen implementation does not support (the message names the alternative)."""
+
+
+def describe_tensor(value: object) -> str:
+    """``(2, 3) float32`` for a tensor (anything with a shape and a dtype), the type's name for anything
+    else: how error messages name what they were given."""
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape is not None and dtype is not None:
+        return f"{tuple(shape)} {str(dtype).removeprefix('torch.')}"
+    return type(value).__name__

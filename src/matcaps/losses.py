@@ -9,8 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from matcaps.errors import ConfigError, InvalidInputError
-from matcaps.layers.routed import describe_tensor
+from matcaps.errors import ConfigError, InvalidInputError, describe_tensor
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,8 @@ class MarginSchedule:
 
 
 def spread_loss(activations: Tensor, targets: Tensor, margin: float) -> Tensor:
-    """Spread loss ``L = Σ_{i≠t} max(0, m − (a_t − a_i))²``, averaged over the batch.
+    """Spread loss ``L = Σ_{i≠t} max(0, m − (a_t − a_i))²`` (Hinton et al. 2018, §3.1, eq. 3), averaged
+    over the batch.
 
     Args:
         activations: ``(N, K)`` class activations ``a``.
@@ -70,7 +70,13 @@ def spread_loss(activations: Tensor, targets: Tensor, margin: float) -> Tensor:
 
 
 def check_scores_and_targets(scores: Tensor, targets: Tensor) -> None:
-    """Shapes and dtypes only (checking the target values would synchronise a GPU at every step)."""
+    """Check that a loss is given ``(N, K)`` floating-point ``scores`` and ``(N,)`` int64 ``targets``, N ≥ 1.
+
+    Shapes and dtypes only: checking the target values would synchronise a GPU at every step.
+
+    Raises:
+        InvalidInputError: naming the shapes and dtypes it was given.
+    """
     valid = (
         isinstance(scores, Tensor) and isinstance(targets, Tensor)
         and scores.dim() == 2 and scores.is_floating_point()
@@ -103,25 +109,31 @@ def classification_loss(kind: str, scores: Tensor, targets: Tensor, margin: floa
     if kind == "cross_entropy":
         check_scores_and_targets(scores, targets)
         return nn.functional.cross_entropy(scores, targets)
-    raise ValueError(f"unknown loss kind {kind!r}; choose one of {', '.join(LOSS_KINDS)}")
+    raise ConfigError(f"unknown loss kind {kind!r}; choose one of {', '.join(LOSS_KINDS)}")
 
 
 class SpreadLoss(nn.Module):
-    """:func:`spread_loss` with a :class:`MarginSchedule`; call as ``loss(activations, targets, step)``."""
+    """:func:`spread_loss` (Hinton et al. 2018, §3.1) with its margin from a :class:`MarginSchedule`.
+
+    Call as ``loss(activations, targets, step)``: ``(N, K)`` class activations, ``(N,)`` int64 class
+    indices and the training step that sets the margin; returns the scalar batch-mean loss.
+    """
 
     def __init__(self, schedule: MarginSchedule = MarginSchedule()) -> None:
         super().__init__()
         self.schedule = schedule
 
     def forward(self, activations: Tensor, targets: Tensor, step: int) -> Tensor:
+        """``(N, K)`` activations and ``(N,)`` targets → scalar loss with the margin ``schedule(step)``."""
         return spread_loss(activations, targets, self.schedule(step))
 
 
 def l2_penalty(parameters: Iterable[Tensor], weight: float) -> Tensor:
-    """``weight · Σ ‖p‖² / 2`` (TensorFlow's ``l2_loss``); Hinton et al. use ``weight = 2e-7``."""
+    """The scalar ``weight · Σ ‖p‖² / 2`` over tensors of any shape (TensorFlow's ``l2_loss``); Hinton et
+    al. use ``weight = 2e-7``."""
     parameters = list(parameters)
     if not parameters:
-        raise ValueError("l2_penalty needs at least one parameter")
+        raise InvalidInputError("l2_penalty needs at least one parameter")
     return weight * sum(p.pow(2).sum() for p in parameters) / 2
 
 

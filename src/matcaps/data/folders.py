@@ -28,6 +28,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,6 +38,9 @@ from matcaps.data.images import CHANNEL_MODES, IMAGE_SUFFIXES, load_image
 from matcaps.data.sources import DatasetInfo
 from matcaps.data.transforms import DigitsTransform
 from matcaps.errors import ConfigError, DataFormatError, DatasetNotFoundError
+
+if TYPE_CHECKING:  # matcaps.data.splits imports this module
+    from matcaps.data.splits import DataSplits
 
 #: The dataset name that selects image folders (``--dataset folder``).
 FOLDER_DATASET = "folder"
@@ -267,8 +271,10 @@ def folder_info(scan: FolderScan, options: FolderOptions, channels: int) -> Data
     return DatasetInfo(FOLDER_DATASET, len(scan.class_names), scan.class_names, options.size, channels)
 
 
-def load_folder(root: str | Path, options: FolderOptions, validation: bool, seed: int, progress: bool = False):
-    """The train / validation / test datasets of an image folder (a :class:`~matcaps.data.DataSplits`)."""
+def load_folder(
+    root: str | Path, options: FolderOptions, validation: bool, seed: int, progress: bool = False
+) -> DataSplits:
+    """The train / validation / test datasets of an image folder."""
     from tqdm import tqdm
 
     from matcaps.data.splits import DataSplits
@@ -289,7 +295,7 @@ def load_folder(root: str | Path, options: FolderOptions, validation: bool, seed
     return DataSplits(datasets["train"], datasets.get("val"), datasets["test"], folder_info(scan, options, channels))
 
 
-def skipped_images(splits) -> list[tuple[Path, str]]:
+def skipped_images(splits: DataSplits) -> list[tuple[Path, str]]:
     """Every ``(file, reason)`` left out of the datasets of ``splits`` (empty for other datasets)."""
     return [item for dataset in (splits.train, splits.val, splits.test) for item in getattr(dataset, "skipped", [])]
 

@@ -41,6 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from matcaps.errors import ConfigError, InvalidInputError
+
 #: Pixel values are divided by this to land in [0, 1].
 PIXEL_SCALE = 255.0
 
@@ -196,7 +198,7 @@ class NorbTransform:
         top = (x.shape[-2] - self.crop) // 2 + offset[0]
         left = (x.shape[-1] - self.crop) // 2 + offset[1]
         if not (0 <= top <= x.shape[-2] - self.crop and 0 <= left <= x.shape[-1] - self.crop):
-            raise ValueError(f"crop offset {offset} leaves the {x.shape[-2]}×{x.shape[-1]} image")
+            raise InvalidInputError(f"crop offset {offset} leaves the {x.shape[-2]}×{x.shape[-1]} image")
         return crop(x, top, left, self.crop)
 
     def __call__(self, image: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -253,7 +255,7 @@ class DigitsTransform:
             return x
         height, width = x.shape[-2:]
         if self.canvas < max(height, width):
-            raise ValueError(f"a {height}×{width} image does not fit on a canvas of {self.canvas}")
+            raise ConfigError(f"a {height}×{width} image does not fit on a canvas of {self.canvas}")
         if self.train:
             if generator is None:
                 raise ValueError("the training transform with a canvas needs a torch.Generator")

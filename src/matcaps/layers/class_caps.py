@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from matcaps.layers.routed import RoutedCapsules, RoutingInputs, _routing_config
-from matcaps.routing import EMRoutingConfig, RoutingGeometry
+from matcaps.routing import PAPER_POSE_SIZE, EMRoutingConfig, RoutingGeometry
 
 #: Coordinates are the centres of the receptive fields, scaled to [0, 1]:
 #: ``(k + CELL_CENTRE) / size`` for cell ``k`` (0.1, 0.3, …, 0.9 on a 5×5 map).
@@ -46,7 +46,7 @@ class ClassCaps(RoutedCapsules):
         num_classes: int,
         routing: EMRoutingConfig | None = None,
         coordinate_addition: bool = True,
-        pose_size: int = 4,
+        pose_size: int = PAPER_POSE_SIZE,
         *,
         iterations: int | None = None,
     ) -> None:
@@ -69,6 +69,7 @@ class ClassCaps(RoutedCapsules):
         return offsets.view(height * width, -1)
 
     def routing_inputs(self, poses: Tensor, activations: Tensor) -> RoutingInputs:
+        """``(N, H, W, D, P, P)`` poses, ``(N, H, W, D)`` activations → one window of all H·W·D children."""
         n, height, width, child_types = activations.shape
         geometry = self.geometry(height, width, activations.device)
         windows = poses.reshape(n, 1, height * width * child_types, self.pose_size, self.pose_size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from matcaps.layers.routed import RoutedCapsules, RoutingInputs, _routing_config
-from matcaps.routing import EMRoutingConfig, RoutingGeometry
+from matcaps.routing import PAPER_POSE_SIZE, EMRoutingConfig, RoutingGeometry
 
 
 class ConvCaps(RoutedCapsules):
@@ -45,7 +45,7 @@ class ConvCaps(RoutedCapsules):
         stride: int = 1,
         padding: int = 0,
         routing: EMRoutingConfig | None = None,
-        pose_size: int = 4,
+        pose_size: int = PAPER_POSE_SIZE,
         *,
         iterations: int | None = None,
     ) -> None:
@@ -61,6 +61,7 @@ class ConvCaps(RoutedCapsules):
         return RoutingGeometry.conv(height, width, self.kernel_size, self.stride, self.padding)
 
     def routing_inputs(self, poses: Tensor, activations: Tensor) -> RoutingInputs:
+        """``(N, H, W, B, P, P)`` poses, ``(N, H, W, B)`` activations → one K×K window per output position."""
         n, height, width, child_types = activations.shape
         geometry = self.geometry(height, width, activations.device)
         windows = geometry.gather(poses.reshape(n, height * width, -1))  # (N, L, S, B·P·P)

@@ -72,6 +72,7 @@ class InputNorm(nn.Module):
         return self
 
     def forward(self, images: Tensor) -> Tensor:
+        """``(N, channels, H, W)`` images → the same shape, normalised."""
         if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != self.channels:
             got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise InvalidInputError(f"{type(self).__name__}({self.channels}) expects images (N, {self.channels}, H, W), got {got}")

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from matcaps.errors import InvalidInputError
 from matcaps.layers.init import init_conv_
-from matcaps.routing import Capsules
+from matcaps.routing import PAPER_POSE_SIZE, Capsules
 
 
 class PrimaryCaps(nn.Module):
@@ -30,7 +30,7 @@ class PrimaryCaps(nn.Module):
         InvalidInputError: (when called) the features are not ``(N, A, H, W)``.
     """
 
-    def __init__(self, in_channels: int, capsule_types: int, pose_size: int = 4) -> None:
+    def __init__(self, in_channels: int, capsule_types: int, pose_size: int = PAPER_POSE_SIZE) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.capsule_types = capsule_types
@@ -39,6 +39,7 @@ class PrimaryCaps(nn.Module):
         self.activation = init_conv_(nn.Conv2d(in_channels, capsule_types, kernel_size=1))
 
     def forward(self, features: Tensor) -> Capsules:
+        """``(N, A, H, W)`` features → ``(N, H, W, B, P, P)`` poses and ``(N, H, W, B)`` activations."""
         if not isinstance(features, Tensor) or features.dim() != 4 or features.shape[1] != self.in_channels:
             got = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
             raise InvalidInputError(

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from matcaps.errors import InvalidInputError
+from matcaps.errors import InvalidInputError, describe_tensor
 from matcaps.layers.init import init_beta_a_, init_beta_v_, init_transforms_
 from matcaps.routing import (
     Capsules,
@@ -198,13 +198,6 @@ class RoutedCapsules(nn.Module):
             )
             for state in trace
         ]
-
-
-def describe_tensor(value: object) -> str:
-    """``(2, 3) float32`` for a tensor, the type's name for anything else (for error messages)."""
-    if isinstance(value, Tensor):
-        return f"{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
-    return type(value).__name__
 
 
 def share_workspace(module: nn.Module, workspace: RoutingWorkspace | None = None) -> RoutingWorkspace:

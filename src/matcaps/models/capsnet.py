@@ -102,6 +102,7 @@ class CapsNet(nn.Module):
                     truncated_normal_(layer.beta_a, c.beta_a_init_mean, c.beta_a_init_std)
 
     def forward(self, images: Tensor) -> CapsNetOutput:
+        """``(N, in_channels, S, S)`` images → ``(N, classes, P, P)`` class poses, ``(N, classes)`` activations."""
         features = self.input_norm(images)
         for index, conv in enumerate((self.conv1, *self.stem)):
             features = conv(features)

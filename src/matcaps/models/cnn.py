@@ -134,6 +134,7 @@ class CNNBaseline(nn.Module):
         )
 
     def forward(self, images: Tensor) -> ClassifierOutput:
+        """``(N, in_channels, S, S)`` images → ``(N, num_classes)`` logits."""
         size = self.config.image_size
         if isinstance(images, Tensor) and images.dim() == 4 and tuple(images.shape[2:]) != (size, size):
             raise InvalidInputError(f"{type(self).__name__} was built for {size}×{size} images (its fully connected "

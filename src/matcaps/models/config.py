@@ -12,7 +12,7 @@ from matcaps.errors import ConfigError
 from matcaps.layers.init import BETA_A_INIT_MEAN, BETA_A_INIT_STD, TRANSFORM_INIT_STD
 from matcaps.models.cnn import CNN_BASELINE, CNNBaselineConfig
 from matcaps.models.fields import reject_unknown
-from matcaps.routing import EMRoutingConfig
+from matcaps.routing import PAPER_POSE_SIZE, EMRoutingConfig
 
 #: The routed layers of :class:`~matcaps.models.CapsNet`, in order; the keys of
 #: :attr:`CapsNetConfig.layer_routing`.
@@ -90,7 +90,7 @@ class CapsNetConfig:
     conv_caps2_types: int = 16
     conv_caps2_kernel: int = 3
     conv_caps2_stride: int = 1
-    pose_size: int = 4
+    pose_size: int = PAPER_POSE_SIZE
     coordinate_addition: bool = True
     input_norm: bool = True
     transform_init_std: float = TRANSFORM_INIT_STD

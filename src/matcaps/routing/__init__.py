@@ -16,7 +16,7 @@ kernel, :mod:`matcaps.routing.blocked`, whose :func:`~matcaps.routing.blocked.tr
 returns the kernel's own per-iteration states), ``fused``, ``naive`` and ``triton``.
 """
 
-from matcaps.routing.capsules import Capsules
+from matcaps.routing.capsules import PAPER_POSE_SIZE, Capsules
 from matcaps.routing.config import LOG_2PI, MAX_ITERATIONS, ROUTING_IMPLEMENTATIONS, EMRoutingConfig
 from matcaps.routing.em import em_routing, route_capsules
 from matcaps.routing.geometry import RoutingGeometry
@@ -30,6 +30,7 @@ __all__ = [
     "EMRoutingConfig",
     "LOG_2PI",
     "MAX_ITERATIONS",
+    "PAPER_POSE_SIZE",
     "ROUTING_IMPLEMENTATIONS",
     "RoutingGeometry",
     "RoutingTrace",

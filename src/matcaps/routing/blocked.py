@@ -49,7 +49,8 @@ from matcaps.routing.workspace import RoutingWorkspace
 IMPLEMENTATION = "blocked"
 #: Parent types per vector chunk of the kernel (``kLanes`` in ``routing_cpu.cpp``).
 LANES = 16
-#: The kernel's pose size: 4×4 matrices, 16 entries (``kSide`` in ``routing_cpu.cpp``).
+#: The kernel's pose size: 4×4 matrices, 16 entries (``kSide`` in ``routing_cpu.cpp``; the paper's size,
+#: :data:`~matcaps.routing.capsules.PAPER_POSE_SIZE`, is the only one it is compiled for).
 POSE_SIZE = 4
 #: Dtypes the kernel is compiled for.
 KERNEL_DTYPES = (torch.float32, torch.float64)

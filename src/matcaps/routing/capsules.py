@@ -6,6 +6,9 @@ from typing import NamedTuple
 
 from torch import Tensor
 
+#: Side of the pose matrices in the paper: every capsule has a 4×4 pose (Hinton et al. 2018, §2).
+PAPER_POSE_SIZE = 4
+
 
 class Capsules(NamedTuple):
     """Capsules as a named pair, poses first (the order of every matcaps function and layer).

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from matcaps.errors import ConfigError
+from matcaps.errors import ConfigError, InvalidInputError
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class RoutingGeometry:
     def __post_init__(self) -> None:
         expected = (self.out_height * self.out_width,)
         if self.slot_child_index.dim() != 2 or self.slot_child_index.shape[:1] != expected:
-            raise ValueError(
+            raise InvalidInputError(
                 f"slot_child_index must have shape (L={expected[0]}, S), got {tuple(self.slot_child_index.shape)}"
             )
         object.__setattr__(self, "_flat_index", self.slot_child_index.reshape(-1))
@@ -156,7 +156,7 @@ class RoutingGeometry:
         """
         n, p, *features = children.shape
         if p != self.num_child_positions:
-            raise ValueError(f"expected {self.num_child_positions} child positions, got {p}")
+            raise InvalidInputError(f"expected {self.num_child_positions} child positions, got {p}")
         padded = torch.cat([children, children.new_zeros(n, 1, *features)], dim=1)
         return self.gather_extended(padded)
 

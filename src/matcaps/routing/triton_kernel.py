@@ -41,11 +41,15 @@ import triton.language as tl
 #: Constants the kernel reads from a small tensor of the data's dtype (a Python float
 #: argument would reach the kernel as float32, which is not exact enough in float64).
 #: ``LIKELIHOOD_SCALE_IN`` is ``τ`` of the E-step before the iteration's M-step (whose logits it
-#: recomputes), ``LIKELIHOOD_SCALE_OUT`` that of the E-step after it.
+#: recomputes), ``LIKELIHOOD_SCALE_OUT`` that of the E-step after it.  The kernel reads them at these
+#: offsets written as literals (a compiled kernel can read only ``tl.constexpr`` globals); the host
+#: side fills each row by these names.
+CONSTANT_NAMES = ("EPSILON", "VARIANCE_FLOOR", "COST_FACTOR", "INVERSE_TEMPERATURE", "ENTRIES_LOG_2PI",
+                  "LIKELIHOOD_SCALE_IN", "LIKELIHOOD_SCALE_OUT")  # fmt: skip
 EPSILON, VARIANCE_FLOOR, COST_FACTOR, INVERSE_TEMPERATURE, ENTRIES_LOG_2PI, LIKELIHOOD_SCALE_IN, LIKELIHOOD_SCALE_OUT = (
-    range(7)
+    range(len(CONSTANT_NAMES))
 )
-NUM_CONSTANTS = 7
+NUM_CONSTANTS = len(CONSTANT_NAMES)
 
 
 @triton.jit
@@ -95,13 +99,13 @@ def em_iteration_kernel(
     window_parents = window * PARENT_TYPES
     dtype = mean_ptr.dtype.element_ty
 
-    epsilon = tl.load(constants_ptr + 0)
-    variance_floor = tl.load(constants_ptr + 1)
-    cost_factor = tl.load(constants_ptr + 2)
-    inverse_temperature = tl.load(constants_ptr + 3)
-    entries_log_2pi = tl.load(constants_ptr + 4)
-    likelihood_scale_in = tl.load(constants_ptr + 5)
-    likelihood_scale_out = tl.load(constants_ptr + 6)
+    epsilon = tl.load(constants_ptr + 0)  # EPSILON
+    variance_floor = tl.load(constants_ptr + 1)  # VARIANCE_FLOOR
+    cost_factor = tl.load(constants_ptr + 2)  # COST_FACTOR
+    inverse_temperature = tl.load(constants_ptr + 3)  # INVERSE_TEMPERATURE
+    entries_log_2pi = tl.load(constants_ptr + 4)  # ENTRIES_LOG_2PI
+    likelihood_scale_in = tl.load(constants_ptr + 5)  # LIKELIHOOD_SCALE_IN
+    likelihood_scale_out = tl.load(constants_ptr + 6)  # LIKELIHOOD_SCALE_OUT
 
     child = tl.arange(0, BLOCK_I)
     entry = tl.arange(0, BLOCK_H)

@@ -261,14 +261,23 @@ def _constants(
     config: EMRoutingConfig, children: int, parent_types: int, entries: int, dtype: torch.dtype, device: torch.device
 ) -> Tensor:
     """``(T, NUM_CONSTANTS)``: per iteration ``ε``, variance floor, ``f_L``, ``λ_t``, ``H·ln 2π``,
-    ``τ_{t−1}`` and ``τ_t`` (the likelihood scales of the E-steps before and after its M-step)."""
-    rows = [
-        [config.epsilon, config.variance_floor, config.cost_factor(children, parent_types),
-         config.inverse_temperature(t), entries * LOG_2PI,
-         config.likelihood_scale(t - 1) if t > 0 else 1.0, config.likelihood_scale(t)]
-        for t in range(config.iterations)
-    ]  # fmt: skip
-    return torch.tensor(rows, dtype=dtype).to(device)
+    ``τ_{t−1}`` and ``τ_t`` (the likelihood scales of the E-steps before and after its M-step), each at
+    the offset the kernel module names for it."""
+    kernel = _kernel_module()
+
+    def row(t: int) -> list[float]:
+        values = {
+            "EPSILON": config.epsilon,
+            "VARIANCE_FLOOR": config.variance_floor,
+            "COST_FACTOR": config.cost_factor(children, parent_types),
+            "INVERSE_TEMPERATURE": config.inverse_temperature(t),
+            "ENTRIES_LOG_2PI": entries * LOG_2PI,
+            "LIKELIHOOD_SCALE_IN": config.likelihood_scale(t - 1) if t > 0 else 1.0,
+            "LIKELIHOOD_SCALE_OUT": config.likelihood_scale(t),
+        }
+        return [values[name] for name in kernel.CONSTANT_NAMES]
+
+    return torch.tensor([row(t) for t in range(config.iterations)], dtype=dtype).to(device)
 
 
 def _combine_over_parents(slot_max: Tensor, slot_sum: Tensor, geometry: RoutingGeometry) -> tuple[Tensor, Tensor]:
