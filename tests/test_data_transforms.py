@@ -177,3 +177,16 @@ def test_mnist_items(tmp_path: Path) -> None:
     assert math.isclose(float(image.std(unbiased=False)), 1.0, abs_tol=1e-4)
     assert splits.info.image_size == 28 and splits.info.num_classes == 10
     assert splits.test.labels.tolist() == list(range(10))
+
+
+def test_errors_a_user_can_cause_are_matcaps_errors_naming_the_sizes():
+    """A canvas smaller than the image is a configuration error, a crop outside the image bad input:
+    both reach the command line as one line (MatcapsError), not a traceback."""
+    from matcaps.errors import ConfigError, InvalidInputError
+
+    with pytest.raises(ConfigError, match="a 28×28 image does not fit on a canvas of 20"):
+        DigitsTransform(canvas=20).pixels(noise_image(size=28))
+    pixels = NorbTransform(train=False).pixels(noise_image())  # (1, 48, 48)
+    with pytest.raises(InvalidInputError, match=r"crop offset \(9, 0\) leaves the 48×48 image"):
+        NorbTransform(train=False).normalise(pixels.unsqueeze(0), offset=(9, 0))
+    assert NorbTransform(train=False).normalise(pixels.unsqueeze(0), offset=(8, 0)).shape == (1, 1, 32, 32)

@@ -207,3 +207,12 @@ def test_the_geometry_cache_keeps_the_most_recent_sizes():
     assert built == sizes
     layer.geometry(*sizes[0], torch.device("cpu"))  # evicted: built again
     assert built == sizes + [sizes[0]]
+
+
+def test_geometry_refuses_a_child_map_of_another_size():
+    geometry = RoutingGeometry.conv(5, 5, kernel_size=3)
+    assert geometry.gather(torch.zeros(2, 25, 4)).shape == (2, 9, 9, 4)
+    with pytest.raises(InvalidInputError, match="expected 25 child positions, got 24"):
+        geometry.gather(torch.zeros(2, 24, 4))
+    with pytest.raises(InvalidInputError, match="slot_child_index must have shape"):
+        RoutingGeometry(5, 5, out_height=3, out_width=3, slot_child_index=torch.zeros(8, 9, dtype=torch.int64))

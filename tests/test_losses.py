@@ -89,3 +89,14 @@ def test_losses_name_the_expected_and_received_shapes(kind, scores, targets):
     message = str(error.value)
     assert "(N, K) floating-point class scores and (N,) int64 class indices" in message
     assert str(tuple(scores.shape)) in message and str(tuple(targets.shape)) in message
+
+
+def test_describe_tensor_names_shape_and_dtype_or_the_type():
+    import numpy as np
+
+    from matcaps.errors import describe_tensor
+
+    assert describe_tensor(torch.zeros(2, 3, dtype=torch.int64)) == "(2, 3) int64"
+    assert describe_tensor(np.zeros((4,), dtype=np.float32)) == "(4,) float32"
+    assert describe_tensor([1, 2]) == "list"
+    assert describe_tensor(None) == "NoneType"

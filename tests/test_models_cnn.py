@@ -99,5 +99,5 @@ def test_classification_loss_dispatches_on_the_models_loss_kind():
     log_probabilities = scores.log_softmax(dim=1)
     expected = -log_probabilities[torch.arange(6), targets].mean()
     assert torch.allclose(classification_loss("cross_entropy", scores, targets, 0.3), expected)
-    with pytest.raises(ValueError, match="unknown loss kind"):
+    with pytest.raises(ConfigError, match="unknown loss kind"):
         classification_loss("hinge", scores, targets, 0.3)
