@@ -48,8 +48,8 @@ class MarginSchedule:
 
 
 def spread_loss(activations: Tensor, targets: Tensor, margin: float) -> Tensor:
-    """Spread loss ``L = Σ_{i≠t} max(0, m − (a_t − a_i))²`` (Hinton et al. 2018, §3.1, eq. 3), averaged
-    over the batch.
+    """Spread loss ``L = Σ_{i≠t} max(0, m − (a_t − a_i))²`` (Hinton et al. 2018, §3.1), averaged over
+    the batch.
 
     Args:
         activations: ``(N, K)`` class activations ``a``.
