@@ -41,14 +41,11 @@ import triton.language as tl
 #: Constants the kernel reads from a small tensor of the data's dtype (a Python float
 #: argument would reach the kernel as float32, which is not exact enough in float64).
 #: ``LIKELIHOOD_SCALE_IN`` is ``τ`` of the E-step before the iteration's M-step (whose logits it
-#: recomputes), ``LIKELIHOOD_SCALE_OUT`` that of the E-step after it.  The kernel reads them at these
-#: offsets written as literals (a compiled kernel can read only ``tl.constexpr`` globals); the host
-#: side fills each row by these names.
+#: recomputes), ``LIKELIHOOD_SCALE_OUT`` that of the E-step after it.  The kernel reads each at its
+#: position in this tuple, written as a literal offset (a compiled kernel can read only ``tl.constexpr``
+#: globals); the host side fills each row by these names.
 CONSTANT_NAMES = ("EPSILON", "VARIANCE_FLOOR", "COST_FACTOR", "INVERSE_TEMPERATURE", "ENTRIES_LOG_2PI",
                   "LIKELIHOOD_SCALE_IN", "LIKELIHOOD_SCALE_OUT")  # fmt: skip
-EPSILON, VARIANCE_FLOOR, COST_FACTOR, INVERSE_TEMPERATURE, ENTRIES_LOG_2PI, LIKELIHOOD_SCALE_IN, LIKELIHOOD_SCALE_OUT = (
-    range(len(CONSTANT_NAMES))
-)
 NUM_CONSTANTS = len(CONSTANT_NAMES)
 
 
