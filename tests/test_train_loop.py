@@ -60,6 +60,32 @@ def test_clip_grad_norm_rescales_the_gradient_the_optimizer_sees(clip):
         assert all(torch.allclose(seen[name], raw[name] * scale, rtol=1e-5, atol=1e-12) for name in raw)
 
 
+@pytest.mark.parametrize("clip", [0.0, 1e-3, 500.0])  # off, every step, some steps (the norms are ~200-1,200)
+def test_training_rows_report_the_mean_and_largest_gradient_norm_before_clipping(tmp_path, clip):
+    """Each window's ``grad_norm_mean``/``grad_norm_max`` against the norms read off the raw gradients of every step."""
+    config = tiny_config(max_steps=6, log_every=3, val_every=0, checkpoint_every=0, clip_grad_norm=clip)
+    trainer = Trainer(config, tiny_model_config(config), TinyImages(48), run_dir=tmp_path)
+    raw_norms = []
+    record = trainer.monitor.after_backward
+
+    def after_backward():
+        record()
+        squares = sum(float(p.grad.double().pow(2).sum()) for p in trainer.model.parameters() if p.grad is not None)
+        raw_norms.append(math.sqrt(squares))
+
+    trainer.monitor.after_backward = after_backward
+    trainer.fit()
+    rows = [r for r in read_metrics(tmp_path) if r["phase"] == "train"]
+    assert [r["step"] for r in rows] == [3, 6] and len(raw_norms) == 6
+    for row, window in zip(rows, (raw_norms[:3], raw_norms[3:])):
+        assert row["grad_norm_mean"] == pytest.approx(sum(window) / 3, rel=1e-5)
+        assert row["grad_norm_max"] == pytest.approx(max(window), rel=1e-5)
+        if clip == 0:
+            assert "clipped_fraction" not in row
+        else:
+            assert row["clipped_fraction"] == sum(n > clip for n in window) / 3
+
+
 @pytest.mark.parametrize(
     ("checkpoint_every", "crash_step", "resumed_from"),
     [
@@ -125,6 +151,9 @@ def test_a_step_with_a_nan_is_skipped_and_counted(tmp_path):
     assert all(not state_dicts_equal(snapshots[i], snapshots[i + 1]) for i in range(5) if i != skipped[0])
     records = [r for r in read_metrics(tmp_path) if r["phase"] == "train"]
     assert [r["skipped_steps"] for r in records] == [0.0] * skipped[0] + [1.0] * (5 - skipped[0])
+    # A skipped step has no gradient norm: its one-step window reports none.
+    assert ["grad_norm_mean" in r for r in records] == [r["step"] != skipped[0] + 1 for r in records]
+    assert all(math.isfinite(r["grad_norm_mean"]) for r in records if "grad_norm_mean" in r)
     assert all(r["loss"] is not None and math.isfinite(r["loss"]) for r in records if r["step"] != skipped[0] + 1)
 
 

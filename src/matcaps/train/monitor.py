@@ -4,9 +4,11 @@
 the main process only:
 
 * every ``log_every`` steps, the training scalars summed over all processes (loss, accuracy,
-  learning rate, margin, images/s, step time, peak memory, skipped steps) and every parameter's
-  gradient norm (phase ``grad_norm``) to ``metrics.jsonl`` and TensorBoard, flushed at once; without
-  progress bars, also a printed line;
+  learning rate, margin, images/s, step time, peak memory, skipped steps; the mean and largest
+  global gradient norm of the window's steps, before clipping, and with ``--clip-grad-norm`` the
+  share of them that were clipped) and every parameter's gradient norm at that step (phase
+  ``grad_norm``) to ``metrics.jsonl`` and TensorBoard, flushed at once; without progress bars,
+  also a printed line;
 * every ``histogram_every`` steps, histograms of each capsule layer's activations, of ``β_a`` and
   ``β_v``, of the gradient norms, and of each routed layer's activations and ``ln σ²`` **per EM
   iteration**, traced on the first :data:`TRACE_SAMPLES` images of the batch.
@@ -39,6 +41,13 @@ RUSAGE_UNIT = 1 if sys.platform == "darwin" else 1024
 TRACE_SAMPLES = 8
 
 
+def global_gradient_norm(gradients: list[Tensor]) -> Tensor:
+    """The L2 norm of all ``gradients`` taken as one vector (what ``clip_grad_norm_`` measures); 0-d tensor."""
+    if not gradients:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in gradients]))
+
+
 def peak_memory_mib(device: torch.device) -> float:
     """Peak CUDA memory allocated on ``device``, or the process's peak resident memory on CPU."""
     if device.type == "cuda":
@@ -66,6 +75,7 @@ class StepWindow:
     count: int = 0
     steps: int = 0
     started: float = field(default_factory=time.perf_counter)
+    gradient_norms: list[Tensor] = field(default_factory=list)
 
     def add(self, loss: float, correct: int, count: int, applied: bool) -> None:
         """Count one step (a skipped step counts for the speed, not for loss and accuracy)."""
@@ -77,6 +87,19 @@ class StepWindow:
 
     def images_per_s(self, global_batch: int) -> float:
         return self.steps * global_batch / max(time.perf_counter() - self.started, 1e-9)
+
+    def gradient_scalars(self, clip: float) -> dict[str, float]:
+        """``grad_norm_mean`` / ``grad_norm_max`` of the applied steps, and ``clipped_fraction`` if ``clip > 0``.
+
+        Kept as device tensors until here, so that reading them costs one synchronisation per window.
+        """
+        if not self.gradient_norms:
+            return {}
+        norms = torch.stack(self.gradient_norms).double().cpu()
+        scalars = {"grad_norm_mean": float(norms.mean()), "grad_norm_max": float(norms.max())}
+        if clip > 0:
+            scalars["clipped_fraction"] = float((norms > clip).double().mean())
+        return scalars
 
 
 class TrainingMonitor:
@@ -136,6 +159,10 @@ class TrainingMonitor:
                 name: float(p.grad.norm()) for name, p in self.model.named_parameters() if p.grad is not None
             }
 
+    def record_gradient_norm(self, norm: Tensor) -> None:
+        """Keep an applied step's global gradient norm (a 0-d tensor, before clipping) for the window's scalars."""
+        self.window.gradient_norms.append(norm.detach())
+
     def after_step(self, state: TrainState, loss: float, correct: int, count: int, applied: bool,
                    scalars: Mapping[str, float], total_steps: int) -> None:  # fmt: skip
         """Count the step; log scalars and histograms when due.
@@ -191,6 +218,7 @@ class TrainingMonitor:
             "step_time_s": elapsed / max(window.steps, 1),
             "peak_memory_mib": peak_memory_mib(device),
             "skipped_steps": state.skipped_steps,
+            **window.gradient_scalars(self.config.clip_grad_norm),
         }
         self.last_train_loss = values["loss"]
         self.writer.scalars("train", state.step, state.epoch + 1, values)

@@ -51,7 +51,7 @@ from matcaps.train.checkpoint import (
 )
 from matcaps.train.config import TrainConfig
 from matcaps.train.ema import WeightAverage
-from matcaps.train.monitor import TrainingMonitor
+from matcaps.train.monitor import TrainingMonitor, global_gradient_norm
 from matcaps.train.param_groups import optimizer_groups
 from matcaps.train.reproducibility import seed_everything, use_deterministic_algorithms
 from matcaps.train.sampler import EpochBatchSampler, epoch_seed
@@ -276,7 +276,10 @@ class Trainer:
         applied = all_agree(bool(finite), self.context)
         if applied:
             if self.config.clip_grad_norm > 0:  # after the check: a non-finite norm never scales a step
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad_norm)
+                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad_norm)
+            else:
+                norm = global_gradient_norm(gradients)
+            self.monitor.record_gradient_norm(norm)
             self.optimizer.step()
         else:
             self.optimizer.zero_grad(set_to_none=True)
