@@ -118,7 +118,9 @@ TRAININGS: list[tuple[str, list[str]]] = [
 #: Runs started earlier and continued here with ``matcaps train --resume``: the names of run
 #: directories (with their ``last.pt``) in ``--continue-from``, copied here before they resume.  A
 #: name missing there is listed in ``summary.json`` and skipped.
-CONTINUATIONS: list[str] = []
+#: ``mnist-i2-stem2-bn-shift-20-clip0.5`` is the 2-iteration control of the clipped 3-iteration run of
+#: docs/runs/cpu-2026-11-28 (seed 0), started on the CPU on 2026-11-28 and stopped by its time box.
+CONTINUATIONS: list[str] = ["mnist-i2-stem2-bn-shift-20-clip0.5"]
 
 
 @dataclass
