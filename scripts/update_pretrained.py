@@ -26,8 +26,9 @@ from torch.utils.data import Subset
 
 from matcaps.data import load_splits
 from matcaps.models import build_model, model_config_from_dict
-from matcaps.models.weights import PRETRAINED_DIR, REGISTRY_FILE, tomllib
+from matcaps.models.weights import PRETRAINED_DIR, REGISTRY_FILE
 from matcaps.scoring import evaluate_model
+from matcaps.tomlread import tomllib
 from matcaps.train.checkpoint import load_checkpoint, resolve_checkpoint, save_weights_only
 from matcaps.train.config import TrainConfig, data_config, to_toml
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tomllib
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from matcaps.models.config import CapsNetConfig
 from matcaps.train.checkpoint import load_checkpoint
 from matcaps.train.config import TrainConfig
 from matcaps.train.param_groups import LR_GROUPS, optimizer_groups, parameter_groups
+from matcaps.tomlread import tomllib
 
 #: A small capsule network (few types) so the tests run in a moment.
 SMALL = dict(num_classes=3, image_size=16, conv1_channels=8, primary_types=2, conv_caps1_types=2, conv_caps2_types=2)

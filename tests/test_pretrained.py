@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from matcaps.errors import ConfigError
 from matcaps.models import CapsNet, pretrained, pretrained_names, pretrained_weights
 from matcaps.models.weights import REGISTRY_FILE, load_pretrained_payload
 from matcaps.scoring import evaluate_model
+from matcaps.tomlread import tomllib
 from matcaps.train.config import data_config
 from matcaps.trained import TrainedNetwork, load_trained, preprocess_image
 

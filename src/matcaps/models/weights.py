@@ -22,11 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from matcaps.errors import CheckpointError, ConfigError
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+from matcaps.tomlread import tomllib
 
 if TYPE_CHECKING:
     from torch import nn

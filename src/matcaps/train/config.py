@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from matcaps.losses import MarginSchedule
 from matcaps.models import CNN_BASELINE, MODEL_NAMES, CNNBaselineConfig, ModelConfig, preset
 from matcaps.models.options import apply_model_options
 from matcaps.routing import MAX_ITERATIONS, ROUTING_IMPLEMENTATIONS
+from matcaps.tomlread import tomllib
 from matcaps.train.param_groups import check_lr_scales
 
 if TYPE_CHECKING:
