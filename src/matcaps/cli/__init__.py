@@ -1,4 +1,4 @@
-"""The ``matcaps`` command: ``matcaps data|train|test|plot|bench``.
+"""The ``matcaps`` command: ``matcaps data|train|test|plot|compare|bench`` and more.
 
 Each sub-command lives in its own module of this package and exposes
 ``register(subparsers)``, which adds its parser and sets ``func`` to a callable taking
@@ -20,7 +20,9 @@ from matcaps import __version__
 from matcaps.errors import MatcapsError
 
 #: Sub-command modules, in the order ``matcaps --help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("data", "train", "test", "predict", "show", "attack", "viewpoints", "plot", "bench")
+COMMAND_MODULES: tuple[str, ...] = (
+    "data", "train", "test", "predict", "show", "attack", "viewpoints", "plot", "compare", "bench",
+)
 
 #: Exit code for errors caused by the user's input (argparse uses the same).
 USAGE_ERROR_EXIT_CODE = 2
