@@ -83,6 +83,16 @@ def test_runs_without_validation_config_or_tests_and_the_cnn_baseline(tmp_path):
     assert rows[1].split()[1:3] == ["mnist", "—"]
 
 
+def test_damaged_values_are_left_blank_not_fatal(tmp_path):
+    damaged = [{**PAUSED_RUN[0], "time": "noon"}, *PAUSED_RUN[1:4], {**PAUSED_RUN[4], "accuracy": "high"}, *PAUSED_RUN[5:]]
+    run = write_run(tmp_path / "odd", damaged, 'dataset = 7\nmodel = "mnist"\niters = true\nseed = "one"\n')
+    summary = summarise_run(run)
+    assert (summary.dataset, summary.iterations, summary.seed) == (None, None, None)
+    assert (summary.best_val_accuracy, summary.best_val_step) == (0.99, 50)  # step 30's accuracy is unreadable
+    assert summary.training_minutes == pytest.approx(34.0 / 60.0)  # a time that is no number is read as 0
+    assert len(format_table([summary]).splitlines()) == 2
+
+
 def test_unreadable_config_and_test_reports_are_skipped_with_a_warning(tmp_path):
     tests = {**TESTS, "broken": "{", "no-accuracy": '{"loss": 1}', "nan": '{"accuracy": NaN}'}
     run = write_run(tmp_path / "damaged", PAUSED_RUN, "dataset = [", tests)

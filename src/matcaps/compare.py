@@ -103,6 +103,19 @@ def training_seconds(times: Sequence[float]) -> list[float]:
     return cumulative
 
 
+def _number(value: Any, default: float | None = 0.0) -> float | None:
+    """``value`` as a float if it is a finite number (not a bool), else ``default``: what a hand-edited or
+    damaged ``metrics.jsonl`` may hold instead of a time or an accuracy."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return default
+
+
+def _typed(value: Any, kind: type) -> Any:
+    """``value`` if it is a ``kind`` (and not a bool), else ``None``."""
+    return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+
 def read_run_config(run_dir: Path, warn: Callable[[str], None] | None) -> dict[str, Any]:
     """The options saved in ``run_dir/config.toml``: empty if there is none, and with a warning if it cannot be read."""
     path = run_dir / "config.toml"
@@ -145,28 +158,31 @@ def summarise_run(
     thresholds = check_thresholds(thresholds)
     run_dir = Path(run_dir)
     records = read_metrics(run_dir, warn=warn)
-    by_time = sorted(records, key=lambda r: r.get("time") or 0.0)
-    elapsed = dict(zip(map(id, by_time), training_seconds([r.get("time") or 0.0 for r in by_time])))
-    validations = [r for r in records if r["phase"] == "val" and r.get("accuracy") is not None]
-    best = max(validations, key=lambda r: r["accuracy"], default=None)  # max keeps the first of equals
+    by_time = sorted(range(len(records)), key=lambda index: _number(records[index].get("time")))
+    elapsed = [0.0] * len(records)  # training seconds up to each record, in the order of ``records``
+    for index, seconds in zip(by_time, training_seconds([_number(records[i].get("time")) for i in by_time])):
+        elapsed[index] = seconds
+    validations = [(r["step"], r["accuracy"], s) for r, s in zip(records, elapsed)
+                   if r["phase"] == "val" and _number(r.get("accuracy"), None) is not None]  # fmt: skip
+    best = max(validations, key=lambda v: v[1], default=None)  # max keeps the first of equals
     steps_to: dict[float, int | None] = {}
     minutes_to: dict[float, float | None] = {}
     for threshold in thresholds:
-        reached = next((r for r in validations if r["accuracy"] >= threshold), None)
-        steps_to[threshold] = reached["step"] if reached else None
-        minutes_to[threshold] = elapsed[id(reached)] / 60.0 if reached else None
+        reached = next((v for v in validations if v[1] >= threshold), None)
+        steps_to[threshold] = reached[0] if reached else None
+        minutes_to[threshold] = reached[2] / 60.0 if reached else None
     config = read_run_config(run_dir, warn)
-    model = config.get("model")
+    model = _typed(config.get("model"), str)
     return RunSummary(
         run=str(run_dir),
-        dataset=config.get("dataset"),
+        dataset=_typed(config.get("dataset"), str),
         model=model,
-        iterations=None if model == "cnn-baseline" else config.get("iters"),
-        seed=config.get("seed"),
+        iterations=None if model == "cnn-baseline" else _typed(config.get("iters"), int),
+        seed=_typed(config.get("seed"), int),
         last_step=max((r["step"] for r in records), default=0),
-        training_minutes=(elapsed[id(by_time[-1])] / 60.0) if by_time else 0.0,
-        best_val_accuracy=best["accuracy"] if best else None,
-        best_val_step=best["step"] if best else None,
+        training_minutes=max(elapsed, default=0.0) / 60.0,
+        best_val_accuracy=best[1] if best else None,
+        best_val_step=best[0] if best else None,
         steps_to=steps_to,
         minutes_to=minutes_to,
         tests=read_test_reports(run_dir, warn),
