@@ -88,7 +88,10 @@ def test_colour_and_oversized_images_are_read_as_the_network_needs(tiny_mnist_ru
     result = predict_json([str(run), str(paths[0]), str(rgb), str(wide)], capsys)
     first, *others = (entry["scores"] for entry in result["images"])
     for scores in others:
-        assert scores == first
+        # the same pixels at another place in the batch: equal up to float32 rounding, which some CPUs'
+        # kernels make depend on the batch position (seen: 3e-7 on an AMD EPYC VM, 0 on an Intel Xeon)
+        assert scores.keys() == first.keys()
+        assert list(scores.values()) == pytest.approx(list(first.values()), abs=1e-6)
 
 
 def test_fit_square_crops_the_centre_and_resizes_the_shorter_side():
