@@ -118,9 +118,12 @@ TRAININGS: list[tuple[str, list[str]]] = [
 ]
 #: Runs started earlier and continued here with ``matcaps train --resume``: the names of run
 #: directories (with their ``last.pt``) in ``--continue-from``, copied here before they resume.  A
-#: name missing there is listed in ``summary.json`` and skipped.  None now: every run started
-#: before has finished, or was lost with its machine and starts again in :data:`TRAININGS`.
-CONTINUATIONS: list[str] = []
+#: name missing there is listed in ``summary.json`` and skipped.
+#: ``mnist-i3-stem2-bn-shift-20-tau0.5-0.2-ba1000-clip0.5`` (3 iterations clipped at 0.5 with both
+#: E-steps softened, ahead of 2 iterations in its first four epochs) was stopped on the CPU at step
+#: 3,831 of 17,180; its resumable ``last.pt`` is published: copy
+#: ``docs/runs/cpu-2026-11-28/mnist-i3-stem2-bn-shift-20-tau0.5-0.2-ba1000-clip0.5`` into ``gpu-runs/``.
+CONTINUATIONS: list[str] = ["mnist-i3-stem2-bn-shift-20-tau0.5-0.2-ba1000-clip0.5"]
 
 
 @dataclass
