@@ -134,6 +134,15 @@ def test_compare_command_prints_every_format_and_draws_the_runs(tmp_path, traine
     assert (tmp_path / "runs.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
+def test_a_damaged_metrics_line_is_reported_once_for_table_and_figure(tmp_path, capsys):
+    run = write_run(tmp_path / "cut", PAUSED_RUN)
+    with open(run / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 60, "pha')  # a line cut by a crash
+    assert main(["compare", str(run), "--plot", str(tmp_path / "cut.png")]) == 0
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 1 and "skipped unreadable line 9" in warnings[0]
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [

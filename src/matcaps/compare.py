@@ -135,14 +135,14 @@ def read_test_reports(run_dir: Path, warn: Callable[[str], None] | None) -> dict
     tests = {}
     for path in sorted(run_dir.glob("test-*.json")):
         try:
-            accuracy = json.loads(path.read_text(encoding="utf-8"))["accuracy"]
-            if not isinstance(accuracy, (int, float)) or not math.isfinite(accuracy):
+            accuracy = _number(json.loads(path.read_text(encoding="utf-8"))["accuracy"], None)
+            if accuracy is None:
                 raise ValueError("no finite accuracy")
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
             if warn is not None:
                 warn(f"{path}: not a readable test report ({type(error).__name__}), skipped")
             continue
-        tests[path.stem.removeprefix("test-")] = float(accuracy)
+        tests[path.stem.removeprefix("test-")] = accuracy
     return tests
 
 
@@ -155,9 +155,18 @@ def summarise_run(
         CheckpointError: ``run_dir`` holds no ``metrics.jsonl``.
         ConfigError: A threshold outside (0, 1].
     """
+    return summarise_records(run_dir, read_metrics(run_dir, warn=warn), thresholds, warn)
+
+
+def summarise_records(
+    run_dir: str | Path,
+    records: list[dict[str, Any]],
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    warn: Callable[[str], None] | None = None,
+) -> RunSummary:
+    """:func:`summarise_run` of metrics records already read from ``run_dir`` (by :func:`read_metrics`)."""
     thresholds = check_thresholds(thresholds)
     run_dir = Path(run_dir)
-    records = read_metrics(run_dir, warn=warn)
     by_time = sorted(range(len(records)), key=lambda index: _number(records[index].get("time")))
     elapsed = [0.0] * len(records)  # training seconds up to each record, in the order of ``records``
     for index, seconds in zip(by_time, training_seconds([_number(records[i].get("time")) for i in by_time])):
@@ -235,19 +244,20 @@ def legend_labels(run_dirs: Sequence[str | Path]) -> list[str]:
 
 
 def plot_comparison(
-    run_dirs: Sequence[str | Path], output: str | Path, warn: Callable[[str], None] | None = None
+    run_dirs: Sequence[str | Path], records: Sequence[list[dict[str, Any]]], output: str | Path
 ) -> Path:
     """Draw every run's validation error, training loss and gradient norm against the step, on log scales.
 
-    A panel whose metric no run recorded (``grad_norm_mean`` before it was logged) is left out.
+    ``records[i]`` are the metrics of ``run_dirs[i]`` (:func:`read_metrics`).  A panel whose metric no
+    run recorded (``grad_norm_mean`` before it was logged) is left out.
 
     Raises:
-        CheckpointError: A run without ``metrics.jsonl``, or nothing to draw in any run.
+        CheckpointError: Nothing to draw in any run.
     """
     plt = pyplot()
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    runs = list(zip(legend_labels(run_dirs), (read_metrics(run_dir, warn=warn) for run_dir in run_dirs)))
+    runs = list(zip(legend_labels(run_dirs), records))
     panels = [p for p in COMPARISON_PANELS if any(series(records, p[0], p[1])[0] for _, records in runs)]
     if not panels:
         raise CheckpointError(f"nothing to draw: no training or validation metrics in {', '.join(map(str, run_dirs))}")
