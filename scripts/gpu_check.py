@@ -112,8 +112,6 @@ MNIST_SHIFT_36 = ["--dataset", "mnist", *STEM2_BN, "--canvas", "32", "--epochs",
 #: The data for both datasets (41 MB of raw files) fits the device tool's 64 MiB only beside a
 #: working tree without the published runs (docs/runs, 57 MB): see the usage.
 TRAININGS: list[tuple[str, list[str]]] = [
-    ("mnist-i3-stem2-bn-shift-20-tau0.5-0.2-ba1000-clip0.5-seed1",
-     [*MNIST_SHIFT_20, *I3_SOFTER_FAST_BETA_A, *CLIP, *SEED1]),
     ("mnist-i2-stem2-bn-shift-20-clip0.5-seed1", [*MNIST_SHIFT_20, *CLIP, *SEED1]),
     ("fashion-i3-stem2-bn-hflip-24-tau0.5-0.2-ba1000-clip0.5",
      [*FASHION_HFLIP, *FASHION_24, *I3_SOFTER_FAST_BETA_A, *CLIP]),
@@ -124,9 +122,10 @@ TRAININGS: list[tuple[str, list[str]]] = [
 #: Runs started earlier and continued here with ``matcaps train --resume``: the names of run
 #: directories (with their ``last.pt``) in ``--continue-from``, copied here before they resume.  A
 #: name missing there is listed in ``summary.json`` and skipped.
-#: Empty: the last one (``mnist-i3-stem2-bn-shift-20-tau0.5-0.2-ba1000-clip0.5``) was finished on the
-#: CPU on 2026-11-28.
-CONTINUATIONS: list[str] = []
+#: ``mnist-i3-stem2-bn-shift-20-tau0.5-0.2-ba1000-clip0.5-seed1`` (the second seed of
+#: 3 iterations clipped with both E-steps softened) was stopped on the CPU at step 3,638 of 17,180; its
+#: resumable ``last.pt`` is published: copy ``docs/runs/cpu-2026-11-28/mnist-i3-stem2-bn-shift-20-tau0.5-0.2-ba1000-clip0.5-seed1`` into ``gpu-runs/``.
+CONTINUATIONS: list[str] = ["mnist-i3-stem2-bn-shift-20-tau0.5-0.2-ba1000-clip0.5-seed1"]
 
 
 @dataclass
