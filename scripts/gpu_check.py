@@ -124,7 +124,7 @@ TRAININGS: list[tuple[str, list[str]]] = [
 #: name missing there is listed in ``summary.json`` and skipped.
 #: ``mnist-i3-stem2-bn-shift-20-tau0.5-0.2-ba1000-clip0.5-seed1`` (the second seed of
 #: 3 iterations clipped with both E-steps softened) was stopped on the CPU at step 3,638 of 17,180; its
-#: resumable ``last.pt`` is published: copy ``docs/runs/cpu-2026-11-28/mnist-i3-stem2-bn-shift-20-tau0.5-0.2-ba1000-clip0.5-seed1`` into ``gpu-runs/``.
+#: resumable ``last.pt`` is published: copy its folder in ``docs/runs/cpu-2026-11-28/`` into ``gpu-runs/``.
 CONTINUATIONS: list[str] = ["mnist-i3-stem2-bn-shift-20-tau0.5-0.2-ba1000-clip0.5-seed1"]
 
 

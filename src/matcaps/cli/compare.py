@@ -36,14 +36,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     """Print the table (and draw the figure); returns 0."""
-    from matcaps.compare import format_table, plot_comparison, summarise_records
+    from matcaps.compare import check_thresholds, format_table, plot_comparison, summarise_records
     from matcaps.train.metrics import read_metrics
 
     def warn(message: str) -> None:
         print(f"matcaps compare: warning: {message}", file=sys.stderr)
 
+    thresholds = check_thresholds(args.threshold)  # a bad --threshold is reported before any file is read
     records = [read_metrics(run_dir, warn=warn) for run_dir in args.run_dirs]  # read once: table and figure
-    summaries = [summarise_records(d, r, args.threshold, warn=warn) for d, r in zip(args.run_dirs, records)]
+    summaries = [summarise_records(d, r, thresholds, warn=warn) for d, r in zip(args.run_dirs, records)]
     if args.format == "json":
         print(json.dumps([summary.to_dict() for summary in summaries], indent=2))
     else:
