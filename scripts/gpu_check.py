@@ -86,10 +86,6 @@ SEED1 = ["--seed", "1", "--holdout-seed", "0"]
 #: The global gradient norm clipped at 0.5: 3 iterations' first MNIST epoch 94.16 % instead of 91.32 %
 #: (2 iterations: 95.52 %, 95.70 % clipped; docs/runs/cpu-2026-11-28).
 CLIP = ["--clip-grad-norm", "0.5"]
-#: 3 iterations with both non-final E-steps softened (τ = 0.5, then 0.2) and β_a's rate ×1000: clipped
-#: at 0.5, seeds 0 / 1 validate at 99.26 / 99.32 % and test at 99.46 / 99.54 % on MNIST, against
-#: 99.12 / 99.14 % and 99.41 / 99.48 % for 2 iterations (docs/runs/cpu-2026-11-28).
-I3_SOFTER_FAST_BETA_A = ["--iters", "3", "--model-option", "routing.e_step_scales=[0.5,0.2]", "--lr-scale", "beta_a=1000"]
 #: The MNIST recipe of docs/runs/h200-2026-11-27/mnist-i2-stem2-bn-shift-36: shifts of up to ±2 px on a
 #: 32×32 canvas, 36 epochs, ×0.1 after epochs 28 and 33.
 MNIST_SHIFT_36 = ["--dataset", "mnist", *STEM2_BN, "--canvas", "32", "--epochs", "36", "--lr-drop-steps", "24052", "28347"]
