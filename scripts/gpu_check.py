@@ -88,8 +88,8 @@ SEED2 = ["--seed", "2", "--holdout-seed", "0"]
 #: (2 iterations: 95.52 %, 95.70 % clipped; docs/runs/cpu-2026-11-28).
 CLIP = ["--clip-grad-norm", "0.5"]
 #: 3 iterations with both non-final E-steps softened (τ = 0.5, then 0.2) and β_a's rate ×1000, the
-#: setting that, clipped, is at least as good as 2 iterations on MNIST over two seeds
-#: (docs/runs/cpu-2026-11-28, where its two Fashion-MNIST seeds are too).
+#: setting that, clipped, is at least as good as 2 iterations on MNIST and Fashion-MNIST over two seeds
+#: each (docs/runs/cpu-2026-11-28).
 I3_SOFTER_FAST_BETA_A = ["--iters", "3", "--model-option", "routing.e_step_scales=[0.5,0.2]", "--lr-scale", "beta_a=1000"]
 #: The MNIST recipe of docs/runs/h200-2026-11-27/mnist-i2-stem2-bn-shift-36: shifts of up to ±2 px on a
 #: 32×32 canvas, 36 epochs, ×0.1 after epochs 28 and 33.
